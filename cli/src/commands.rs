@@ -1,0 +1,371 @@
+//! The user commands: thin clients of the gateway's public API.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use smartdb_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// Bytes per upload message.
+const PIECE: usize = 1 << 20;
+
+/// `smartdb kb …`
+#[derive(clap::Subcommand)]
+pub enum KbCommand {
+    /// Create a knowledge base.
+    Create {
+        /// Name: lower-case letters, digits, '-' and '_'.
+        name: String,
+        /// What it holds.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Embedding model (default: the cluster's default).
+        #[arg(long, default_value = "")]
+        model: String,
+    },
+    /// List knowledge bases.
+    List,
+    /// Delete a knowledge base with all its documents.
+    Delete {
+        /// Name of the knowledge base.
+        name: String,
+    },
+}
+
+/// `smartdb ingest …`
+#[derive(clap::Args)]
+pub struct IngestArgs {
+    /// Knowledge base to add to.
+    #[arg(long)]
+    kb: String,
+    /// Files or folders (folders are walked; hidden files are skipped).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Return once uploaded, without waiting for indexing.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// `smartdb search …`
+#[derive(clap::Args)]
+pub struct SearchArgs {
+    /// Knowledge base to search.
+    #[arg(long)]
+    kb: String,
+    /// What to look for.
+    query: String,
+    /// Number of hits.
+    #[arg(long, short = 'k', default_value_t = 5)]
+    top_k: u32,
+    /// Print the raw response as JSON-ish debug output.
+    #[arg(long)]
+    raw: bool,
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let endpoint =
+        Channel::from_shared(addr.to_owned()).with_context(|| format!("invalid address {addr}"))?;
+    endpoint
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| {
+            format!("cannot reach the smartdb gateway at {addr} (is `smartdb up` running?)")
+        })
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+/// Runs a `kb` subcommand.
+pub async fn kb(addr: &str, command: KbCommand) -> anyhow::Result<()> {
+    let mut client =
+        pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(connect(addr).await?);
+    match command {
+        KbCommand::Create {
+            name,
+            description,
+            model,
+        } => {
+            let kb = client
+                .create_knowledge_base(pb::CreateKnowledgeBaseRequest {
+                    name,
+                    description,
+                    embedding_model: model,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .knowledge_base
+                .unwrap_or_default();
+            println!(
+                "created knowledge base {} (id {}, model {})",
+                kb.name, kb.id, kb.embedding_model
+            );
+        }
+        KbCommand::List => {
+            let mut token = String::new();
+            println!(
+                "{:<32} {:>10}  {:<20} DESCRIPTION",
+                "NAME", "DOCUMENTS", "MODEL"
+            );
+            loop {
+                let page = client
+                    .list_knowledge_bases(pb::ListKnowledgeBasesRequest {
+                        page_size: 200,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                for kb in page.knowledge_bases {
+                    println!(
+                        "{:<32} {:>10}  {:<20} {}",
+                        kb.name, kb.document_count, kb.embedding_model, kb.description
+                    );
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        KbCommand::Delete { name } => {
+            let r = client
+                .delete_knowledge_base(pb::DeleteKnowledgeBaseRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "deleted knowledge base {name} and {} documents",
+                r.deleted_documents
+            );
+        }
+    }
+    Ok(())
+}
+
+fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            for entry in walkdir::WalkDir::new(path)
+                .sort_by_file_name()
+                .into_iter()
+                .filter_entry(|e| {
+                    e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.')
+                })
+            {
+                let entry = entry?;
+                if entry.file_type().is_file() {
+                    files.push(entry.into_path());
+                }
+            }
+        } else if path.is_file() {
+            files.push(path.clone());
+        } else {
+            anyhow::bail!("{} is not a file or folder", path.display());
+        }
+    }
+    Ok(files)
+}
+
+async fn upload(
+    client: &mut pb::document_service_client::DocumentServiceClient<Channel>,
+    kb: &str,
+    path: &Path,
+) -> Result<pb::UploadDocumentResponse, tonic::Status> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| tonic::Status::invalid_argument(format!("{}: {e}", path.display())))?;
+    let header = pb::DocumentHeader {
+        knowledge_base: kb.to_owned(),
+        source_name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    let mut messages = vec![pb::UploadDocumentRequest {
+        payload: Some(pb::upload_document_request::Payload::Header(header)),
+    }];
+    messages.extend(bytes.chunks(PIECE).map(|piece| pb::UploadDocumentRequest {
+        payload: Some(pb::upload_document_request::Payload::Data(piece.to_vec())),
+    }));
+    Ok(client
+        .upload_document(tokio_stream::iter(messages))
+        .await?
+        .into_inner())
+}
+
+/// Uploads files with a progress bar, then waits for them to be indexed.
+pub async fn ingest(addr: &str, args: IngestArgs) -> anyhow::Result<()> {
+    let files = collect_files(&args.paths)?;
+    if files.is_empty() {
+        anyhow::bail!("no files found");
+    }
+    let mut client = pb::document_service_client::DocumentServiceClient::new(connect(addr).await?)
+        .max_encoding_message_size(smartdb_kit::server::MAX_MESSAGE_BYTES);
+    let style = ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {wide_msg}")
+        .expect("valid template")
+        .progress_chars("=> ");
+    let bar = ProgressBar::new(files.len() as u64)
+        .with_style(style.clone())
+        .with_prefix("uploading");
+    let (mut accepted, mut failed) = (Vec::new(), 0usize);
+    for path in &files {
+        bar.set_message(path.display().to_string());
+        match upload(&mut client, &args.kb, path).await {
+            Ok(r) => {
+                let doc = r.document.unwrap_or_default();
+                if r.deduplicated {
+                    bar.println(format!(
+                        "  = {} (already in {}, document {})",
+                        path.display(),
+                        args.kb,
+                        doc.id
+                    ));
+                }
+                accepted.push((path.clone(), doc));
+            }
+            Err(status)
+                if status.code() == tonic::Code::NotFound
+                    || status.code() == tonic::Code::Unavailable =>
+            {
+                bar.abandon();
+                return Err(status_error(status));
+            }
+            Err(status) => {
+                failed += 1;
+                bar.println(format!("  ✗ {}: {}", path.display(), status.message()));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_with_message("done");
+    if !args.no_wait && !accepted.is_empty() {
+        let bar = ProgressBar::new(accepted.len() as u64)
+            .with_style(style)
+            .with_prefix("indexing");
+        let mut pending = accepted;
+        let mut indexed = 0usize;
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for (path, doc) in pending {
+                let current = client
+                    .get_document(pb::GetDocumentRequest {
+                        knowledge_base: args.kb.clone(),
+                        document_id: doc.id.clone(),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .document
+                    .unwrap_or_default();
+                match pb::DocumentStatus::try_from(current.status) {
+                    Ok(pb::DocumentStatus::Indexed) => {
+                        indexed += 1;
+                        bar.inc(1);
+                    }
+                    Ok(pb::DocumentStatus::Failed) => {
+                        failed += 1;
+                        bar.println(format!("  ✗ {}: {}", path.display(), current.error));
+                        bar.inc(1);
+                    }
+                    _ => {
+                        bar.set_message(path.display().to_string());
+                        still.push((path, current));
+                    }
+                }
+            }
+            pending = still;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        bar.finish_with_message("done");
+        println!("{indexed} indexed, {failed} failed");
+    } else {
+        println!("{} uploaded, {failed} failed", files.len() - failed);
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} file(s) failed");
+    }
+    Ok(())
+}
+
+/// Searches and prints the hits.
+pub async fn search(addr: &str, args: SearchArgs) -> anyhow::Result<()> {
+    let mut client = pb::search_service_client::SearchServiceClient::new(connect(addr).await?);
+    let response = client
+        .search(pb::SearchRequest {
+            knowledge_base: args.kb,
+            query: args.query,
+            top_k: args.top_k,
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.raw {
+        println!("{response:#?}");
+        return Ok(());
+    }
+    if response.degraded {
+        println!("(degraded: {})", response.degraded_reason);
+    }
+    if response.hits.is_empty() {
+        println!("no hits");
+    }
+    for (i, hit) in response.hits.iter().enumerate() {
+        let snippet: String = hit
+            .text
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .take(240)
+            .collect();
+        println!(
+            "{:>2}. {:.3}  {}  [{} #{}]",
+            i + 1,
+            hit.score,
+            hit.title,
+            hit.document_id,
+            hit.chunk_index
+        );
+        println!("    {snippet}");
+    }
+    Ok(())
+}
+
+/// Prints every service's health; fails if any is not serving.
+pub async fn status(addr: &str) -> anyhow::Result<()> {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(connect(addr).await?);
+    let status = client
+        .get_cluster_status(pb::GetClusterStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("smartdb {}", status.version);
+    for s in &status.services {
+        let health =
+            pb::ServiceHealth::try_from(s.health).unwrap_or(pb::ServiceHealth::Unspecified);
+        let label = match health {
+            pb::ServiceHealth::Serving => "SERVING",
+            pb::ServiceHealth::NotServing => "NOT_SERVING",
+            pb::ServiceHealth::Unreachable => "UNREACHABLE",
+            pb::ServiceHealth::Unspecified => "UNKNOWN",
+        };
+        println!(
+            "  {:<11} {:<12} {:>4} ms  {} {}",
+            s.name, label, s.latency_ms, s.address, s.detail
+        );
+    }
+    if !status.healthy {
+        anyhow::bail!("the cluster is not healthy");
+    }
+    Ok(())
+}

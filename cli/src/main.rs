@@ -1,0 +1,91 @@
+//! `smartdb`: start the whole cluster locally (`up`), run one service (`serve`, as Kubernetes
+//! does), and work with knowledge bases from the shell (`kb`, `ingest`, `search`, `status`).
+
+mod commands;
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "smartdb",
+    version,
+    about = "smartdb: knowledge bases you can search by meaning"
+)]
+struct Cli {
+    /// Gateway address for the user commands.
+    #[arg(
+        long,
+        global = true,
+        env = "SMARTDB_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    addr: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the whole cluster on this machine: one process per service, supervised.
+    Up(up::UpArgs),
+    /// Run one service in the foreground.
+    Serve {
+        #[command(subcommand)]
+        service: Service,
+    },
+    /// Create, list and delete knowledge bases.
+    Kb {
+        #[command(subcommand)]
+        command: commands::KbCommand,
+    },
+    /// Add files (or every file in folders) to a knowledge base.
+    Ingest(commands::IngestArgs),
+    /// Search a knowledge base.
+    Search(commands::SearchArgs),
+    /// Show the health of every service.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum Service {
+    /// The public edge.
+    Gateway(smartdb_gateway::Config),
+    /// The vector index and searches.
+    Search(smartdb_search::Config),
+    /// The catalog and indexing workers.
+    Ingest(smartdb_ingest::Config),
+    /// Embedding models and cache.
+    Embed(smartdb_embed::Config),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let shutdown = smartdb_kit::shutdown::signal_received;
+    match cli.command {
+        Command::Up(args) => up::run(args).await,
+        Command::Serve { service } => match service {
+            Service::Gateway(c) => {
+                smartdb_kit::telemetry::init(c.server.log_json);
+                smartdb_gateway::serve(c, shutdown()).await
+            }
+            Service::Search(c) => {
+                smartdb_kit::telemetry::init(c.server.log_json);
+                smartdb_search::serve(c, shutdown()).await
+            }
+            Service::Ingest(c) => {
+                smartdb_kit::telemetry::init(c.server.log_json);
+                smartdb_ingest::serve(c, shutdown()).await
+            }
+            Service::Embed(c) => {
+                smartdb_kit::telemetry::init(c.server.log_json);
+                smartdb_embed::serve(c, shutdown()).await
+            }
+        },
+        Command::Kb { command } => commands::kb(&cli.addr, command).await,
+        Command::Ingest(args) => commands::ingest(&cli.addr, args).await,
+        Command::Search(args) => commands::search(&cli.addr, args).await,
+        Command::Status => commands::status(&cli.addr).await,
+    }
+}

@@ -1,0 +1,741 @@
+//! The catalog: knowledge bases, documents and indexing jobs in SQLite (WAL mode, full sync, so
+//! an acknowledged write survives a crash). The connection is synchronous; [`Store::call`] runs
+//! work on the blocking pool so async callers never stall the runtime.
+//!
+//! Jobs have one row per document. A worker claims a row by taking a lease (a token and an
+//! expiry); a crashed worker's lease runs out and another claims the job again. A delete turns
+//! the row into a delete job without touching a running lease, so an index job and a delete job
+//! of one document never run at once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::{Error, Result};
+
+/// Where a document is in its life cycle; values match `smartdb.v1.DocumentStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Status {
+    /// Stored, waiting for a worker.
+    Queued = 1,
+    /// Text extraction and chunking.
+    Parsing = 2,
+    /// Chunks being embedded.
+    Embedding = 3,
+    /// Chunks being written to the index.
+    Storing = 4,
+    /// Searchable.
+    Indexed = 5,
+    /// Failed for good.
+    Failed = 6,
+    /// Being deleted.
+    Deleting = 7,
+}
+
+impl Status {
+    fn from_i32(v: i32) -> Self {
+        match v {
+            2 => Self::Parsing,
+            3 => Self::Embedding,
+            4 => Self::Storing,
+            5 => Self::Indexed,
+            6 => Self::Failed,
+            7 => Self::Deleting,
+            _ => Self::Queued,
+        }
+    }
+
+    /// True once indexing has finished one way or the other.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Indexed | Self::Failed)
+    }
+}
+
+/// A knowledge base row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KnowledgeBase {
+    /// UUID.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Unique name within the tenant.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// Embedding model id.
+    pub embedding_model: String,
+    /// Vector dimension of that model.
+    pub dimension: u32,
+    /// Unix milliseconds.
+    pub create_time: i64,
+    /// Documents in it (filled by reads).
+    pub document_count: u64,
+}
+
+/// A document row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    /// UUIDv7 (so id order is creation order).
+    pub id: String,
+    /// Knowledge base id.
+    pub kb_id: String,
+    /// Title.
+    pub title: String,
+    /// Uploaded file name.
+    pub source_name: String,
+    /// Detected media type.
+    pub content_type: String,
+    /// Size of the original.
+    pub size_bytes: u64,
+    /// SHA-256 of the original, hex.
+    pub sha256: String,
+    /// Life-cycle status.
+    pub status: Status,
+    /// Failure reason.
+    pub error: String,
+    /// Chunks of the last chunking.
+    pub chunk_count: u32,
+    /// Most chunks it ever had: deletes remove point ids up to this, so nothing is left behind.
+    pub max_chunk_count: u32,
+    /// User metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Times a worker started on it.
+    pub attempts: u32,
+    /// Unix milliseconds.
+    pub create_time: i64,
+    /// Unix milliseconds.
+    pub update_time: i64,
+}
+
+/// What a job asks a worker to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// Extract, chunk, embed, store.
+    Index,
+    /// Remove from the index, then from the catalog.
+    Delete,
+}
+
+/// A claimed job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Document it concerns.
+    pub document_id: String,
+    /// What to do.
+    pub kind: JobKind,
+    /// Proof of the claim; completing with a stale token does nothing.
+    pub lease_token: i64,
+    /// Claims so far, this one included.
+    pub attempts: u32,
+}
+
+/// Outcome of inserting a document.
+#[derive(Debug)]
+pub enum Inserted {
+    /// A new document and its job were stored.
+    New(Document),
+    /// The same bytes were already in the knowledge base.
+    Existing(Document),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS knowledge_bases (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    embedding_model TEXT NOT NULL,
+    dimension INTEGER NOT NULL,
+    create_time INTEGER NOT NULL,
+    UNIQUE (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    kb_id TEXT NOT NULL REFERENCES knowledge_bases(id) ON DELETE CASCADE,
+    title TEXT NOT NULL,
+    source_name TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    chunk_count INTEGER NOT NULL DEFAULT 0,
+    max_chunk_count INTEGER NOT NULL DEFAULT 0,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    create_time INTEGER NOT NULL,
+    update_time INTEGER NOT NULL,
+    UNIQUE (kb_id, sha256)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    document_id TEXT PRIMARY KEY REFERENCES documents(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    lease_token INTEGER NOT NULL DEFAULT 0,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    not_before INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    create_time INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (lease_until, not_before);
+";
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The catalog database.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the catalog at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a commit is on disk before we acknowledge an upload.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    pub async fn call<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| Error::Internal("catalog lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("catalog task failed: {e}")))?
+    }
+}
+
+// ---- knowledge bases ----
+
+fn kb_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KnowledgeBase> {
+    Ok(KnowledgeBase {
+        id: row.get(0)?,
+        tenant: row.get(1)?,
+        name: row.get(2)?,
+        description: row.get(3)?,
+        embedding_model: row.get(4)?,
+        dimension: row.get(5)?,
+        create_time: row.get(6)?,
+        document_count: row.get::<_, i64>(7)? as u64,
+    })
+}
+
+const KB_COLUMNS: &str =
+    "k.id, k.tenant, k.name, k.description, k.embedding_model, k.dimension, k.create_time,
+    (SELECT COUNT(*) FROM documents d WHERE d.kb_id = k.id)";
+
+/// Inserts a knowledge base; `AlreadyExists` if the tenant has one with that name.
+pub fn insert_kb(conn: &Connection, kb: &KnowledgeBase) -> Result<()> {
+    let inserted = conn.execute(
+        "INSERT INTO knowledge_bases (id, tenant, name, description, embedding_model, dimension, create_time)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (tenant, name) DO NOTHING",
+        params![kb.id, kb.tenant, kb.name, kb.description, kb.embedding_model, kb.dimension, kb.create_time],
+    )?;
+    if inserted == 0 {
+        return Err(Error::AlreadyExists(format!(
+            "knowledge base {:?} already exists",
+            kb.name
+        )));
+    }
+    Ok(())
+}
+
+/// Finds a tenant's knowledge base by name.
+pub fn find_kb(conn: &Connection, tenant: &str, name: &str) -> Result<Option<KnowledgeBase>> {
+    Ok(conn
+        .query_row(
+            &format!(
+                "SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.tenant = ?1 AND k.name = ?2"
+            ),
+            params![tenant, name],
+            kb_from_row,
+        )
+        .optional()?)
+}
+
+/// Finds a knowledge base by id.
+pub fn kb_by_id(conn: &Connection, id: &str) -> Result<Option<KnowledgeBase>> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.id = ?1"),
+            params![id],
+            kb_from_row,
+        )
+        .optional()?)
+}
+
+/// Lists a tenant's knowledge bases with names after `after`, in name order.
+pub fn list_kbs(
+    conn: &Connection,
+    tenant: &str,
+    after: &str,
+    limit: usize,
+) -> Result<Vec<KnowledgeBase>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.tenant = ?1 AND k.name > ?2 ORDER BY k.name LIMIT ?3"
+    ))?;
+    let rows = stmt.query_map(params![tenant, after, limit as i64], kb_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Deletes a knowledge base row with its documents and jobs; returns the document ids removed.
+pub fn delete_kb(conn: &mut Connection, id: &str) -> Result<Vec<String>> {
+    let tx = conn.transaction()?;
+    let ids: Vec<String> = {
+        let mut stmt = tx.prepare("SELECT id FROM documents WHERE kb_id = ?1")?;
+        stmt.query_map(params![id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    tx.execute(
+        "DELETE FROM jobs WHERE document_id IN (SELECT id FROM documents WHERE kb_id = ?1)",
+        params![id],
+    )?;
+    tx.execute("DELETE FROM documents WHERE kb_id = ?1", params![id])?;
+    tx.execute("DELETE FROM knowledge_bases WHERE id = ?1", params![id])?;
+    tx.commit()?;
+    Ok(ids)
+}
+
+// ---- documents ----
+
+const DOC_COLUMNS: &str =
+    "id, kb_id, title, source_name, content_type, size_bytes, sha256, status, error,
+    chunk_count, max_chunk_count, metadata, attempts, create_time, update_time";
+
+fn doc_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Document> {
+    let metadata: String = row.get(11)?;
+    Ok(Document {
+        id: row.get(0)?,
+        kb_id: row.get(1)?,
+        title: row.get(2)?,
+        source_name: row.get(3)?,
+        content_type: row.get(4)?,
+        size_bytes: row.get::<_, i64>(5)? as u64,
+        sha256: row.get(6)?,
+        status: Status::from_i32(row.get(7)?),
+        error: row.get(8)?,
+        chunk_count: row.get(9)?,
+        max_chunk_count: row.get(10)?,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        attempts: row.get(12)?,
+        create_time: row.get(13)?,
+        update_time: row.get(14)?,
+    })
+}
+
+/// Reads one document of a knowledge base.
+pub fn get_doc(conn: &Connection, kb_id: &str, id: &str) -> Result<Option<Document>> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {DOC_COLUMNS} FROM documents WHERE kb_id = ?1 AND id = ?2"),
+            params![kb_id, id],
+            doc_from_row,
+        )
+        .optional()?)
+}
+
+/// Reads one document by id alone (workers).
+pub fn doc_by_id(conn: &Connection, id: &str) -> Result<Option<Document>> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {DOC_COLUMNS} FROM documents WHERE id = ?1"),
+            params![id],
+            doc_from_row,
+        )
+        .optional()?)
+}
+
+/// Lists documents of a knowledge base with ids after `after`, oldest first.
+pub fn list_docs(
+    conn: &Connection,
+    kb_id: &str,
+    after: &str,
+    limit: usize,
+) -> Result<Vec<Document>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {DOC_COLUMNS} FROM documents WHERE kb_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+    ))?;
+    let rows = stmt.query_map(params![kb_id, after, limit as i64], doc_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Stores a new document with its index job in one transaction, unless the same bytes are
+/// already in the knowledge base. A FAILED duplicate is queued again (that is how users retry).
+pub fn insert_doc(conn: &mut Connection, doc: &Document) -> Result<Inserted> {
+    let tx = conn.transaction()?;
+    let existing = tx
+        .query_row(
+            &format!("SELECT {DOC_COLUMNS} FROM documents WHERE kb_id = ?1 AND sha256 = ?2"),
+            params![doc.kb_id, doc.sha256],
+            doc_from_row,
+        )
+        .optional()?;
+    if let Some(mut existing) = existing {
+        if existing.status == Status::Failed {
+            let now = now_ms();
+            tx.execute(
+                "UPDATE documents SET status = ?2, error = '', attempts = 0, update_time = ?3 WHERE id = ?1",
+                params![existing.id, Status::Queued as i32, now],
+            )?;
+            tx.execute(
+                "INSERT INTO jobs (document_id, kind, create_time) VALUES (?1, 'index', ?2)
+                 ON CONFLICT (document_id) DO NOTHING",
+                params![existing.id, now],
+            )?;
+            existing.status = Status::Queued;
+            existing.error.clear();
+            existing.attempts = 0;
+            existing.update_time = now;
+            tx.commit()?;
+            return Ok(Inserted::New(existing));
+        }
+        return Ok(Inserted::Existing(existing));
+    }
+    let metadata =
+        serde_json::to_string(&doc.metadata).map_err(|e| Error::Internal(e.to_string()))?;
+    tx.execute(
+        &format!("INSERT INTO documents ({DOC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+        params![
+            doc.id,
+            doc.kb_id,
+            doc.title,
+            doc.source_name,
+            doc.content_type,
+            doc.size_bytes as i64,
+            doc.sha256,
+            doc.status as i32,
+            doc.error,
+            doc.chunk_count,
+            doc.max_chunk_count,
+            metadata,
+            doc.attempts,
+            doc.create_time,
+            doc.update_time
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO jobs (document_id, kind, create_time) VALUES (?1, 'index', ?2)",
+        params![doc.id, doc.create_time],
+    )?;
+    tx.commit()?;
+    Ok(Inserted::New(doc.clone()))
+}
+
+/// Moves a document to `status` unless it is being deleted; false if it is gone or deleting
+/// (the worker then stops).
+pub fn set_status(conn: &Connection, id: &str, status: Status, error: &str) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE documents SET status = ?2, error = ?3, update_time = ?4 WHERE id = ?1 AND status != ?5",
+        params![id, status as i32, error, now_ms(), Status::Deleting as i32],
+    )?;
+    Ok(n == 1)
+}
+
+/// Records the chunk count before chunks are written, so a later delete knows every point id.
+pub fn set_chunk_count(conn: &Connection, id: &str, chunks: u32) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE documents SET chunk_count = ?2, max_chunk_count = MAX(max_chunk_count, ?2), status = ?3, update_time = ?4
+         WHERE id = ?1 AND status != ?5",
+        params![id, chunks, Status::Embedding as i32, now_ms(), Status::Deleting as i32],
+    )?;
+    Ok(n == 1)
+}
+
+/// Marks a document DELETING and turns its job into a delete job (keeping any running lease).
+pub fn mark_deleting(conn: &mut Connection, id: &str) -> Result<()> {
+    let tx = conn.transaction()?;
+    let now = now_ms();
+    tx.execute(
+        "UPDATE documents SET status = ?2, update_time = ?3 WHERE id = ?1",
+        params![id, Status::Deleting as i32, now],
+    )?;
+    tx.execute(
+        "INSERT INTO jobs (document_id, kind, create_time) VALUES (?1, 'delete', ?2)
+         ON CONFLICT (document_id) DO UPDATE SET kind = 'delete', not_before = 0, attempts = 0",
+        params![id, now],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Removes a document row (and its job) for good.
+pub fn remove_doc(conn: &Connection, id: &str) -> Result<()> {
+    conn.execute("DELETE FROM documents WHERE id = ?1", params![id])?;
+    Ok(())
+}
+
+// ---- jobs ----
+
+/// Claims the oldest runnable job: not leased (or lease expired) and not backing off.
+pub fn claim_job(
+    conn: &mut Connection,
+    lease_ms: i64,
+    only_document: Option<&str>,
+) -> Result<Option<Job>> {
+    let now = now_ms();
+    let token: i64 = rand_token();
+    let tx = conn.transaction()?;
+    let candidate: Option<(String, String, u32)> = match only_document {
+        Some(id) => tx
+            .query_row(
+                "SELECT document_id, kind, attempts FROM jobs WHERE document_id = ?1 AND lease_until <= ?2",
+                params![id, now],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?,
+        None => tx
+            .query_row(
+                "SELECT document_id, kind, attempts FROM jobs WHERE lease_until <= ?1 AND not_before <= ?1
+                 ORDER BY create_time LIMIT 1",
+                params![now],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?,
+    };
+    let Some((document_id, kind, attempts)) = candidate else {
+        return Ok(None);
+    };
+    tx.execute(
+        "UPDATE jobs SET lease_token = ?2, lease_until = ?3, attempts = attempts + 1 WHERE document_id = ?1",
+        params![document_id, token, now + lease_ms],
+    )?;
+    if kind == "index" {
+        tx.execute(
+            "UPDATE documents SET attempts = attempts + 1 WHERE id = ?1",
+            params![document_id],
+        )?;
+    }
+    tx.commit()?;
+    Ok(Some(Job {
+        document_id,
+        kind: if kind == "delete" {
+            JobKind::Delete
+        } else {
+            JobKind::Index
+        },
+        lease_token: token,
+        attempts: attempts + 1,
+    }))
+}
+
+/// Extends a lease while a long job runs; false if the lease was lost.
+pub fn renew_lease(conn: &Connection, job: &Job, lease_ms: i64) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE jobs SET lease_until = ?3 WHERE document_id = ?1 AND lease_token = ?2",
+        params![job.document_id, job.lease_token, now_ms() + lease_ms],
+    )?;
+    Ok(n == 1)
+}
+
+/// Finishes a job: removes it if it is still the job we claimed, else (it became a delete job
+/// meanwhile) releases the lease so the new work starts at once.
+pub fn complete_job(conn: &Connection, job: &Job) -> Result<()> {
+    let kind = match job.kind {
+        JobKind::Index => "index",
+        JobKind::Delete => "delete",
+    };
+    let n = conn.execute(
+        "DELETE FROM jobs WHERE document_id = ?1 AND lease_token = ?2 AND kind = ?3",
+        params![job.document_id, job.lease_token, kind],
+    )?;
+    if n == 0 {
+        release_job(conn, job, 0)?;
+    }
+    Ok(())
+}
+
+/// Gives a job back, runnable again after `delay_ms`.
+pub fn release_job(conn: &Connection, job: &Job, delay_ms: i64) -> Result<()> {
+    conn.execute(
+        "UPDATE jobs SET lease_until = 0, not_before = ?3 WHERE document_id = ?1 AND lease_token = ?2",
+        params![job.document_id, job.lease_token, now_ms() + delay_ms],
+    )?;
+    Ok(())
+}
+
+/// Milliseconds until the next job becomes runnable, if any job is waiting.
+pub fn next_job_in(conn: &Connection) -> Result<Option<i64>> {
+    let next: Option<i64> = conn.query_row(
+        "SELECT MIN(MAX(lease_until, not_before)) FROM jobs",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(next.map(|t| (t - now_ms()).max(0)))
+}
+
+fn rand_token() -> i64 {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    i64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("catalog.db")).unwrap();
+        let conn = Arc::try_unwrap(store.conn)
+            .ok()
+            .unwrap()
+            .into_inner()
+            .unwrap();
+        (dir, conn)
+    }
+
+    fn kb(name: &str) -> KnowledgeBase {
+        KnowledgeBase {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant: "t".into(),
+            name: name.into(),
+            description: String::new(),
+            embedding_model: "m".into(),
+            dimension: 3,
+            create_time: now_ms(),
+            document_count: 0,
+        }
+    }
+
+    fn doc(kb_id: &str, sha: &str) -> Document {
+        Document {
+            id: uuid::Uuid::now_v7().to_string(),
+            kb_id: kb_id.into(),
+            title: "t".into(),
+            source_name: String::new(),
+            content_type: "text/plain".into(),
+            size_bytes: 1,
+            sha256: sha.into(),
+            status: Status::Queued,
+            error: String::new(),
+            chunk_count: 0,
+            max_chunk_count: 0,
+            metadata: BTreeMap::from([("k".into(), "v".into())]),
+            attempts: 0,
+            create_time: now_ms(),
+            update_time: now_ms(),
+        }
+    }
+
+    #[test]
+    fn knowledge_base_names_are_unique_per_tenant() {
+        let (_d, conn) = store();
+        insert_kb(&conn, &kb("a")).unwrap();
+        assert!(matches!(
+            insert_kb(&conn, &kb("a")),
+            Err(Error::AlreadyExists(_))
+        ));
+        let mut other = kb("a");
+        other.tenant = "u".into();
+        insert_kb(&conn, &other).unwrap();
+        assert_eq!(list_kbs(&conn, "t", "", 10).unwrap().len(), 1);
+        assert!(find_kb(&conn, "u", "a").unwrap().is_some());
+    }
+
+    #[test]
+    fn same_bytes_deduplicate_and_failed_ones_requeue() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&conn, &k).unwrap();
+        let first = doc(&k.id, "abc");
+        assert!(matches!(
+            insert_doc(&mut conn, &first).unwrap(),
+            Inserted::New(_)
+        ));
+        match insert_doc(&mut conn, &doc(&k.id, "abc")).unwrap() {
+            Inserted::Existing(d) => assert_eq!(d.id, first.id),
+            other => panic!("expected existing, got {other:?}"),
+        }
+        let job = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        set_status(&conn, &first.id, Status::Failed, "boom").unwrap();
+        complete_job(&conn, &job).unwrap();
+        match insert_doc(&mut conn, &doc(&k.id, "abc")).unwrap() {
+            Inserted::New(d) => assert_eq!((d.id, d.status), (first.id.clone(), Status::Queued)),
+            other => panic!("expected requeue, got {other:?}"),
+        }
+        assert!(claim_job(&mut conn, 60_000, None).unwrap().is_some());
+    }
+
+    #[test]
+    fn leases_exclude_other_workers_until_they_expire() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&conn, &k).unwrap();
+        insert_doc(&mut conn, &doc(&k.id, "x")).unwrap();
+        let job = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        assert_eq!(job.attempts, 1);
+        assert!(
+            claim_job(&mut conn, 60_000, None).unwrap().is_none(),
+            "leased job must not be claimed twice"
+        );
+        // A crashed worker: its lease expires and the job is claimed again.
+        conn.execute("UPDATE jobs SET lease_until = 1", []).unwrap();
+        let again = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        assert_eq!(again.attempts, 2);
+        // The stale worker's completion does nothing.
+        complete_job(&conn, &job).unwrap();
+        assert!(!renew_lease(&conn, &job, 1000).unwrap());
+        assert!(renew_lease(&conn, &again, 1000).unwrap());
+    }
+
+    #[test]
+    fn delete_during_indexing_waits_for_the_lease_then_runs() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&conn, &k).unwrap();
+        let d = doc(&k.id, "x");
+        insert_doc(&mut conn, &d).unwrap();
+        let index_job = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        mark_deleting(&mut conn, &d.id).unwrap();
+        assert!(
+            !set_status(&conn, &d.id, Status::Indexed, "").unwrap(),
+            "deleting documents keep their status"
+        );
+        assert!(
+            claim_job(&mut conn, 60_000, None).unwrap().is_none(),
+            "delete waits for the running index job"
+        );
+        complete_job(&conn, &index_job).unwrap();
+        let delete_job = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        assert_eq!(delete_job.kind, JobKind::Delete);
+        remove_doc(&conn, &d.id).unwrap();
+        assert!(claim_job(&mut conn, 60_000, None).unwrap().is_none());
+        assert!(doc_by_id(&conn, &d.id).unwrap().is_none());
+    }
+
+    #[test]
+    fn deleting_a_knowledge_base_removes_its_documents() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&conn, &k).unwrap();
+        insert_doc(&mut conn, &doc(&k.id, "1")).unwrap();
+        insert_doc(&mut conn, &doc(&k.id, "2")).unwrap();
+        assert_eq!(find_kb(&conn, "t", "a").unwrap().unwrap().document_count, 2);
+        assert_eq!(delete_kb(&mut conn, &k.id).unwrap().len(), 2);
+        assert!(find_kb(&conn, "t", "a").unwrap().is_none());
+        assert!(claim_job(&mut conn, 1000, None).unwrap().is_none());
+    }
+}

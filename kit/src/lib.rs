@@ -1,0 +1,15 @@
+//! What every smartdb service shares: server bootstrap (health, reflection, graceful shutdown,
+//! metrics endpoint), client channels to other services, call context propagation, telemetry
+//! setup and config helpers.
+
+pub mod client;
+pub mod config;
+pub mod context;
+pub mod metrics;
+pub mod server;
+pub mod shutdown;
+pub mod status;
+pub mod telemetry;
+
+/// Version of smartdb, reported by health and status endpoints.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,245 @@
+//! Server bootstrap shared by every service: gRPC on TCP with `grpc.health.v1` and
+//! `grpc.reflection.v1`, the metrics layer, an HTTP endpoint for `/metrics`, and graceful
+//! shutdown (stop accepting, report NOT_SERVING, let in-flight calls finish, exit).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::ServerArgs;
+use crate::metrics::GrpcMetricsLayer;
+
+/// Largest gRPC message a server accepts or sends; big enough for embedding batches and
+/// upload pieces, small enough to bound memory per call.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Health of one server: the overall status (`""`) and one per gRPC service it serves.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    services: Vec<&'static str>,
+    /// Whether the server is ready; the lock orders status writes, so a late "starting" write
+    /// can never overwrite "ready".
+    ready: Arc<tokio::sync::Mutex<bool>>,
+}
+
+impl Health {
+    /// Marks the server and all its services SERVING: it can really answer now.
+    pub async fn set_serving(&self) {
+        let mut ready = self.ready.lock().await;
+        *ready = true;
+        self.set_all(ServingStatus::Serving).await;
+    }
+
+    /// Marks the server and all its services NOT_SERVING (draining, or lost a dependency).
+    pub async fn set_not_serving(&self) {
+        let mut ready = self.ready.lock().await;
+        *ready = false;
+        self.set_all(ServingStatus::NotServing).await;
+    }
+
+    /// Reports NOT_SERVING for every service unless the server already became ready.
+    async fn init(&self) {
+        let ready = self.ready.lock().await;
+        if !*ready {
+            self.set_all(ServingStatus::NotServing).await;
+        }
+    }
+
+    /// Sets the status of one named service (e.g. the gateway mirroring a downstream).
+    pub async fn set_service(&self, service: &str, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(service, status).await;
+    }
+
+    async fn set_all(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        for service in &self.services {
+            self.reporter.set_service_status(*service, status).await;
+        }
+    }
+}
+
+/// Builder for one service's gRPC server.
+pub struct ServiceServer {
+    name: &'static str,
+    routes: RoutesBuilder,
+    services: Vec<&'static str>,
+    http: axum::Router,
+    reporter: HealthReporter,
+    ready: Arc<tokio::sync::Mutex<bool>>,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+}
+
+impl ServiceServer {
+    /// A server for the service called `name` (e.g. `search-svc`), NOT_SERVING until told.
+    pub async fn new(name: &'static str) -> Self {
+        let reporter = HealthReporter::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
+        // tonic-health starts the overall status at SERVING; we only claim that once ready.
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        Self {
+            name,
+            routes: RoutesBuilder::default(),
+            services: Vec::new(),
+            http: crate::metrics::router(),
+            reporter,
+            ready: Arc::default(),
+            health_service,
+        }
+    }
+
+    /// Adds a gRPC service; it gets a health entry under its full name and is listed by reflection.
+    pub fn add_service<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.services.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Adds HTTP routes served next to `/metrics` on the HTTP endpoint.
+    pub fn http_routes(&mut self, router: axum::Router) -> &mut Self {
+        self.http = std::mem::take(&mut self.http).merge(router);
+        self
+    }
+
+    /// Handle to flip this server's health.
+    pub fn health(&self) -> Health {
+        Health {
+            reporter: self.reporter.clone(),
+            services: self.services.clone(),
+            ready: self.ready.clone(),
+        }
+    }
+
+    /// Binds the addresses in `args` and serves until `shutdown` resolves, then drains.
+    pub async fn run(
+        self,
+        args: &ServerArgs,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let listener = bind(args.listen).await?;
+        self.run_on(listener, args, shutdown).await
+    }
+
+    /// Like [`ServiceServer::run`] on an already bound listener.
+    pub async fn run_on(
+        mut self,
+        listener: TcpListener,
+        args: &ServerArgs,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let health = self.health();
+        health.init().await;
+        let mut reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(smartdb_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection");
+        for service in &self.services {
+            reflection = reflection.with_service_name(*service);
+        }
+        let mut reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(smartdb_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for service in &self.services {
+            reflection_alpha = reflection_alpha.with_service_name(*service);
+        }
+        self.routes.add_service(self.health_service.clone());
+        self.routes.add_service(reflection.build_v1()?);
+        self.routes.add_service(reflection_alpha.build_v1alpha()?);
+
+        // One broadcast of the shutdown signal to the gRPC server, the HTTP endpoint and the drain timer.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        if let Some(http_addr) = args.http_listen {
+            let bound =
+                crate::metrics::serve_http(http_addr, self.http.clone(), stopped(stop_rx.clone()))
+                    .await?;
+            tracing::info!(service = self.name, addr = %bound, "HTTP endpoint (/metrics) listening");
+        }
+
+        let local = listener.local_addr()?;
+        tracing::info!(service = self.name, addr = %local, version = crate::VERSION, "gRPC listening");
+
+        let name = self.name;
+        let drain_timeout = args.drain_timeout;
+        let health_on_stop = health.clone();
+        let on_stop = {
+            let rx = stop_rx.clone();
+            async move {
+                stopped(rx).await;
+                // Tell load balancers and probes first, then stop accepting.
+                health_on_stop.set_not_serving().await;
+                tracing::info!(service = name, "draining in-flight calls");
+            }
+        };
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(GrpcMetricsLayer)
+            .add_routes(self.routes.routes())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_stop);
+
+        // In-flight calls get `drain_timeout` after the signal; then we stop waiting for them.
+        let drain_deadline = async move {
+            stopped(stop_rx).await;
+            tokio::time::sleep(drain_timeout).await;
+        };
+        tokio::select! {
+            result = server => result?,
+            _ = drain_deadline => tracing::warn!(service = name, "drain timeout reached, exiting with calls in flight"),
+        }
+        tracing::info!(service = name, "stopped");
+        Ok(())
+    }
+}
+
+/// Binds a TCP listener, with a readable error naming the address.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+/// A loopback port that was free a moment ago (for tests and `smartdb up` with port 0).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

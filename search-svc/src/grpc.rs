@@ -1,0 +1,161 @@
+//! `SearchService` and the internal `IndexService` over gRPC: decode, call domain code, encode.
+
+use std::sync::Arc;
+
+use smartdb_kit::context::CallContext;
+use smartdb_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::cache::Versions;
+use crate::error::{Error, Result};
+use crate::index::{ChunkPayload, CollectionInfo, IndexPoint, VectorIndex};
+use crate::search::{SearchQuery, Searcher};
+
+/// The public search API.
+pub struct SearchGrpc {
+    searcher: Arc<Searcher>,
+}
+
+impl SearchGrpc {
+    /// Serves searches with `searcher`.
+    pub fn new(searcher: Arc<Searcher>) -> Self {
+        Self { searcher }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::search_service_server::SearchService for SearchGrpc {
+    async fn search(
+        &self,
+        request: Request<pb::SearchRequest>,
+    ) -> Result<Response<pb::SearchResponse>, Status> {
+        let ctx = CallContext::from_request(&request);
+        let query = SearchQuery::from_request(request.into_inner())?;
+        let (answer, cached) = self.searcher.search(&ctx, query).await?;
+        Ok(Response::new(pb::SearchResponse {
+            hits: answer
+                .hits
+                .into_iter()
+                .map(|hit| pb::SearchHit {
+                    document_id: hit.payload.document_id,
+                    chunk_index: hit.payload.chunk_index,
+                    text: hit.payload.text,
+                    score: hit.score,
+                    title: hit.payload.title,
+                    metadata: hit.payload.metadata.into_iter().collect(),
+                    source_name: hit.payload.source_name,
+                })
+                .collect(),
+            mode: pb::SearchMode::Dense as i32,
+            degraded: false,
+            degraded_reason: String::new(),
+            cached,
+            embedding_model: answer.embedding_model,
+        }))
+    }
+}
+
+/// The internal write API of the index; every write bumps the collection's cache version.
+pub struct IndexGrpc {
+    index: Arc<dyn VectorIndex>,
+    versions: Arc<Versions>,
+}
+
+impl IndexGrpc {
+    /// Writes to `index`, bumping `versions` on every change.
+    pub fn new(index: Arc<dyn VectorIndex>, versions: Arc<Versions>) -> Self {
+        Self { index, versions }
+    }
+}
+
+fn parse_uuid(field: &'static str, value: &str) -> Result<uuid::Uuid> {
+    uuid::Uuid::parse_str(value)
+        .map_err(|_| Error::invalid(field, format!("{value:?} is not a UUID")))
+}
+
+#[tonic::async_trait]
+impl pb::index_service_server::IndexService for IndexGrpc {
+    async fn create_collection(
+        &self,
+        request: Request<pb::CreateCollectionRequest>,
+    ) -> Result<Response<pb::CreateCollectionResponse>, Status> {
+        let ctx = CallContext::from_request(&request);
+        let r = request.into_inner();
+        parse_uuid("knowledge_base_id", &r.knowledge_base_id)?;
+        if r.knowledge_base.trim().is_empty() {
+            return Err(Error::invalid("knowledge_base", "is required").into());
+        }
+        if r.dimension == 0 {
+            return Err(Error::invalid("dimension", "must be positive").into());
+        }
+        self.index
+            .create_collection(CollectionInfo {
+                id: r.knowledge_base_id.clone(),
+                tenant: ctx.tenant,
+                name: r.knowledge_base,
+                dimension: r.dimension,
+                embedding_model: r.embedding_model,
+            })
+            .await?;
+        self.versions.bump(&r.knowledge_base_id);
+        Ok(Response::new(pb::CreateCollectionResponse {}))
+    }
+
+    async fn delete_collection(
+        &self,
+        request: Request<pb::DeleteCollectionRequest>,
+    ) -> Result<Response<pb::DeleteCollectionResponse>, Status> {
+        let r = request.into_inner();
+        parse_uuid("knowledge_base_id", &r.knowledge_base_id)?;
+        self.index.delete_collection(&r.knowledge_base_id).await?;
+        self.versions.bump(&r.knowledge_base_id);
+        Ok(Response::new(pb::DeleteCollectionResponse {}))
+    }
+
+    async fn upsert_points(
+        &self,
+        request: Request<pb::UpsertPointsRequest>,
+    ) -> Result<Response<pb::UpsertPointsResponse>, Status> {
+        let r = request.into_inner();
+        parse_uuid("knowledge_base_id", &r.knowledge_base_id)?;
+        let points = r
+            .points
+            .into_iter()
+            .map(|p| {
+                Ok(IndexPoint {
+                    id: parse_uuid("points.id", &p.id)?,
+                    vector: p.vector,
+                    payload: ChunkPayload {
+                        document_id: p.document_id,
+                        chunk_index: p.chunk_index,
+                        text: p.text,
+                        title: p.title,
+                        source_name: p.source_name,
+                        metadata: p.metadata.into_iter().collect(),
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let upserted = self.index.upsert(&r.knowledge_base_id, points).await?;
+        self.versions.bump(&r.knowledge_base_id);
+        Ok(Response::new(pb::UpsertPointsResponse {
+            upserted: upserted as u32,
+        }))
+    }
+
+    async fn delete_points(
+        &self,
+        request: Request<pb::DeletePointsRequest>,
+    ) -> Result<Response<pb::DeletePointsResponse>, Status> {
+        let r = request.into_inner();
+        parse_uuid("knowledge_base_id", &r.knowledge_base_id)?;
+        let ids = r
+            .point_ids
+            .iter()
+            .map(|id| parse_uuid("point_ids", id))
+            .collect::<Result<Vec<_>>>()?;
+        self.index.delete_points(&r.knowledge_base_id, ids).await?;
+        self.versions.bump(&r.knowledge_base_id);
+        Ok(Response::new(pb::DeletePointsResponse {}))
+    }
+}

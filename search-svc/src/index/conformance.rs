@@ -1,0 +1,639 @@
+//! Conformance suite: the behaviour every [`VectorIndex`] implementation must show.
+//!
+//! Each case is an async fn taking `&dyn VectorIndex`; `vector_index_conformance!` turns them all
+//! into `#[tokio::test]`s for one implementation. Cases use fresh random collection ids and tenants
+//! and delete what they create, so they can share one index (e.g. a real Qdrant server) and run
+//! in parallel.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use super::{
+    ChunkPayload, CollectionInfo, DenseQuery, IndexPoint, ScoredChunk, SearchFilter, VectorIndex,
+    point_id,
+};
+use crate::{Error, Result};
+
+/// Instantiates every conformance case as a `#[tokio::test]`.
+///
+/// `$factory` is an async fn returning `(index, guard)`; the guard (e.g. a temp dir) is kept alive
+/// for the duration of the test.
+macro_rules! vector_index_conformance {
+    ($factory:path) => {
+        vector_index_conformance!(@cases $factory;
+            create_is_idempotent,
+            create_rejects_taken_name,
+            create_rejects_zero_dimension,
+            resolve_by_tenant_and_name,
+            search_returns_nearest_first,
+            upsert_same_id_replaces,
+            wrong_dimension_is_rejected,
+            delete_points_removes_exactly_those,
+            metadata_filter,
+            document_ids_filter,
+            unknown_collection_is_not_found,
+            delete_collection_removes_everything,
+            tenants_are_isolated,
+            empty_inputs,
+        );
+    };
+    (@cases $factory:path; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let (index, _guard) = $factory().await;
+                $crate::index::conformance::$case(&index).await;
+            }
+        )+
+    };
+}
+
+const DIM: u32 = 4;
+
+/// A collection description with a fresh id and a fresh tenant.
+fn fresh_info() -> CollectionInfo {
+    CollectionInfo {
+        id: Uuid::new_v4().to_string(),
+        tenant: format!("tenant-{}", Uuid::new_v4()),
+        name: "handbook".into(),
+        dimension: DIM,
+        embedding_model: "test-model".into(),
+    }
+}
+
+/// Creates a fresh collection and returns its description.
+async fn create(index: &dyn VectorIndex) -> CollectionInfo {
+    let info = fresh_info();
+    index
+        .create_collection(info.clone())
+        .await
+        .expect("create collection");
+    info
+}
+
+/// A chunk of `document_id` with the given vector and metadata.
+fn chunk(
+    document_id: &str,
+    chunk_index: u32,
+    vector: [f32; 4],
+    metadata: &[(&str, &str)],
+) -> IndexPoint {
+    IndexPoint {
+        id: point_id(document_id, chunk_index),
+        vector: vector.to_vec(),
+        payload: ChunkPayload {
+            document_id: document_id.into(),
+            chunk_index,
+            text: format!("text of {document_id}/{chunk_index}"),
+            title: format!("title of {document_id}"),
+            source_name: format!("{document_id}.md"),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        },
+    }
+}
+
+/// Four chunks around the first two axes; for the query `[1, 0.2, 0, 0]` the nearest-first
+/// order is a/0, c/0, a/1, b/0.
+fn sample_points() -> Vec<IndexPoint> {
+    vec![
+        chunk(
+            "doc-a",
+            0,
+            [1.0, 0.0, 0.0, 0.0],
+            &[("lang", "en"), ("team", "core")],
+        ),
+        chunk(
+            "doc-a",
+            1,
+            [0.0, 1.0, 0.0, 0.0],
+            &[("lang", "en"), ("team", "ops")],
+        ),
+        chunk(
+            "doc-b",
+            0,
+            [0.0, 0.0, 1.0, 0.0],
+            &[("lang", "de"), ("team", "core")],
+        ),
+        chunk("doc-c", 0, [0.7, 0.7, 0.0, 0.0], &[("lang", "de")]),
+    ]
+}
+
+const SAMPLE_QUERY: [f32; 4] = [1.0, 0.2, 0.0, 0.0];
+
+async fn search(
+    index: &dyn VectorIndex,
+    collection_id: &str,
+    vector: [f32; 4],
+    top_k: usize,
+    filter: SearchFilter,
+) -> Vec<ScoredChunk> {
+    index
+        .search(
+            collection_id,
+            DenseQuery {
+                vector: vector.to_vec(),
+                top_k,
+                filter,
+            },
+        )
+        .await
+        .expect("search")
+}
+
+fn ids(hits: &[ScoredChunk]) -> Vec<Uuid> {
+    hits.iter().map(|h| h.id).collect()
+}
+
+fn metadata_filter_of(pairs: &[(&str, &str)]) -> SearchFilter {
+    SearchFilter {
+        metadata: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        document_ids: vec![],
+    }
+}
+
+#[track_caller]
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T>, expected_field: &str) {
+    match result {
+        Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, expected_field),
+        other => panic!("expected InvalidArgument({expected_field}), got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_not_found<T: std::fmt::Debug>(result: Result<T>) {
+    assert!(
+        matches!(result, Err(Error::NotFound(_))),
+        "expected NotFound, got {result:?}"
+    );
+}
+
+/// Creating the same collection twice is fine; reusing its id with other settings is not.
+pub(crate) async fn create_is_idempotent(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    index
+        .create_collection(info.clone())
+        .await
+        .expect("second create");
+    assert_eq!(
+        index.resolve(&info.tenant, &info.name).await.unwrap(),
+        Some(info.clone())
+    );
+    assert_eq!(index.count(&info.id).await.unwrap(), 0);
+
+    let other_dimension = CollectionInfo {
+        dimension: DIM + 1,
+        ..info.clone()
+    };
+    assert_invalid(
+        index.create_collection(other_dimension).await,
+        "knowledge_base",
+    );
+    let other_name = CollectionInfo {
+        name: "other".into(),
+        ..info.clone()
+    };
+    assert_invalid(index.create_collection(other_name).await, "knowledge_base");
+    assert_eq!(
+        index.resolve(&info.tenant, &info.name).await.unwrap(),
+        Some(info.clone())
+    );
+
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// A (tenant, name) pair maps to one collection until that collection is deleted.
+pub(crate) async fn create_rejects_taken_name(index: &dyn VectorIndex) {
+    let first = create(index).await;
+    let second = CollectionInfo {
+        id: Uuid::new_v4().to_string(),
+        ..first.clone()
+    };
+    assert_invalid(
+        index.create_collection(second.clone()).await,
+        "knowledge_base",
+    );
+    assert_eq!(
+        index.resolve(&first.tenant, &first.name).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_not_found(index.count(&second.id).await);
+
+    index.delete_collection(&first.id).await.unwrap();
+    index
+        .create_collection(second.clone())
+        .await
+        .expect("name is free again");
+    assert_eq!(
+        index.resolve(&second.tenant, &second.name).await.unwrap(),
+        Some(second.clone())
+    );
+
+    index.delete_collection(&second.id).await.unwrap();
+}
+
+/// A collection without dimensions is refused and leaves nothing behind.
+pub(crate) async fn create_rejects_zero_dimension(index: &dyn VectorIndex) {
+    let info = CollectionInfo {
+        dimension: 0,
+        ..fresh_info()
+    };
+    assert_invalid(index.create_collection(info.clone()).await, "dimension");
+    assert_eq!(index.resolve(&info.tenant, &info.name).await.unwrap(), None);
+}
+
+/// Resolution needs the exact tenant and name.
+pub(crate) async fn resolve_by_tenant_and_name(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    assert_eq!(
+        index.resolve(&info.tenant, &info.name).await.unwrap(),
+        Some(info.clone())
+    );
+    assert_eq!(
+        index
+            .resolve("some-other-tenant", &info.name)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        index
+            .resolve(&info.tenant, "some-other-name")
+            .await
+            .unwrap(),
+        None
+    );
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Hits come nearest first, scored by cosine similarity, with their payload.
+pub(crate) async fn search_returns_nearest_first(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    let points = sample_points();
+    let expected: BTreeMap<Uuid, ChunkPayload> =
+        points.iter().map(|p| (p.id, p.payload.clone())).collect();
+    assert_eq!(index.upsert(&info.id, points).await.unwrap(), 4);
+    assert_eq!(index.count(&info.id).await.unwrap(), 4);
+
+    let hits = search(index, &info.id, SAMPLE_QUERY, 10, SearchFilter::default()).await;
+    let order = [
+        point_id("doc-a", 0),
+        point_id("doc-c", 0),
+        point_id("doc-a", 1),
+        point_id("doc-b", 0),
+    ];
+    assert_eq!(ids(&hits), order);
+    for hit in &hits {
+        assert_eq!(hit.payload, expected[&hit.id]);
+    }
+    // Cosine similarity: 1/|q|, (0.7 + 0.14)/(|q| * 0.98995), 0.2/|q|, 0.
+    let q_norm = (1.0f32 + 0.04).sqrt();
+    let want = [1.0 / q_norm, 0.84 / (q_norm * 0.98995), 0.2 / q_norm, 0.0];
+    for (hit, want) in hits.iter().zip(want) {
+        assert!(
+            (hit.score - want).abs() < 1e-3,
+            "score {} != {want}",
+            hit.score
+        );
+    }
+
+    // Scaling the query changes nothing, an exact match scores 1 and its opposite -1.
+    let scaled = search(
+        index,
+        &info.id,
+        SAMPLE_QUERY.map(|x| x * 7.5),
+        10,
+        SearchFilter::default(),
+    )
+    .await;
+    assert_eq!(ids(&scaled), order);
+    let exact = search(
+        index,
+        &info.id,
+        [0.0, 0.0, 2.0, 0.0],
+        1,
+        SearchFilter::default(),
+    )
+    .await;
+    assert_eq!(ids(&exact), [point_id("doc-b", 0)]);
+    assert!((exact[0].score - 1.0).abs() < 1e-4);
+    let opposite = search(
+        index,
+        &info.id,
+        [-1.0, 0.0, 0.0, 0.0],
+        10,
+        SearchFilter::default(),
+    )
+    .await;
+    assert_eq!(opposite.last().unwrap().id, point_id("doc-a", 0));
+    assert!((opposite.last().unwrap().score + 1.0).abs() < 1e-4);
+
+    let top2 = search(index, &info.id, SAMPLE_QUERY, 2, SearchFilter::default()).await;
+    assert_eq!(ids(&top2), order[..2]);
+
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Writing an existing id replaces the point instead of adding one.
+pub(crate) async fn upsert_same_id_replaces(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    index
+        .upsert(&info.id, vec![chunk("doc-a", 0, [1.0, 0.0, 0.0, 0.0], &[])])
+        .await
+        .unwrap();
+    let mut replacement = chunk("doc-a", 0, [0.0, 1.0, 0.0, 0.0], &[("rev", "2")]);
+    replacement.payload.text = "rewritten".into();
+    index
+        .upsert(&info.id, vec![replacement.clone()])
+        .await
+        .unwrap();
+    assert_eq!(index.count(&info.id).await.unwrap(), 1);
+
+    let hits = search(
+        index,
+        &info.id,
+        [0.0, 1.0, 0.0, 0.0],
+        10,
+        SearchFilter::default(),
+    )
+    .await;
+    assert_eq!(ids(&hits), [replacement.id]);
+    assert_eq!(hits[0].payload, replacement.payload);
+    assert!(
+        (hits[0].score - 1.0).abs() < 1e-4,
+        "the new vector is the one searched"
+    );
+
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Vectors of the wrong length are refused, and nothing of the batch is written.
+pub(crate) async fn wrong_dimension_is_rejected(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    let mut points = sample_points();
+    points[2].vector.pop();
+    assert_invalid(index.upsert(&info.id, points).await, "points");
+    let mut too_long = chunk("doc-z", 0, [1.0, 0.0, 0.0, 0.0], &[]);
+    too_long.vector.push(1.0);
+    assert_invalid(index.upsert(&info.id, vec![too_long]).await, "points");
+    assert_eq!(index.count(&info.id).await.unwrap(), 0);
+
+    let query = DenseQuery {
+        vector: vec![1.0, 0.0],
+        top_k: 3,
+        filter: SearchFilter::default(),
+    };
+    assert!(
+        matches!(
+            index.search(&info.id, query).await,
+            Err(Error::InvalidArgument { .. })
+        ),
+        "a query of the wrong length is invalid",
+    );
+
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Deleting points removes exactly those; unknown ids are ignored.
+pub(crate) async fn delete_points_removes_exactly_those(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    index.upsert(&info.id, sample_points()).await.unwrap();
+    let gone = [point_id("doc-a", 0), point_id("doc-b", 0)];
+    let mut to_delete = gone.to_vec();
+    to_delete.push(point_id("doc-never-written", 0));
+    index.delete_points(&info.id, to_delete).await.unwrap();
+    assert_eq!(index.count(&info.id).await.unwrap(), 2);
+
+    let hits = search(index, &info.id, SAMPLE_QUERY, 10, SearchFilter::default()).await;
+    assert_eq!(ids(&hits), [point_id("doc-c", 0), point_id("doc-a", 1)]);
+
+    // Deleting again is harmless.
+    index.delete_points(&info.id, gone.to_vec()).await.unwrap();
+    assert_eq!(index.count(&info.id).await.unwrap(), 2);
+
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Every metadata entry of the filter must match exactly.
+pub(crate) async fn metadata_filter(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    index.upsert(&info.id, sample_points()).await.unwrap();
+
+    let de = search(
+        index,
+        &info.id,
+        SAMPLE_QUERY,
+        10,
+        metadata_filter_of(&[("lang", "de")]),
+    )
+    .await;
+    assert_eq!(ids(&de), [point_id("doc-c", 0), point_id("doc-b", 0)]);
+    for hit in &de {
+        assert_eq!(hit.payload.metadata["lang"], "de");
+    }
+
+    let both = metadata_filter_of(&[("lang", "en"), ("team", "ops")]);
+    assert_eq!(
+        ids(&search(index, &info.id, SAMPLE_QUERY, 10, both).await),
+        [point_id("doc-a", 1)]
+    );
+
+    // top_k applies after filtering.
+    let core = search(
+        index,
+        &info.id,
+        SAMPLE_QUERY,
+        1,
+        metadata_filter_of(&[("team", "core")]),
+    )
+    .await;
+    assert_eq!(ids(&core), [point_id("doc-a", 0)]);
+
+    for no_match in [
+        &[("lang", "fr")][..],
+        &[("missing-key", "en")],
+        &[("lang", "EN")],
+    ] {
+        let hits = search(
+            index,
+            &info.id,
+            SAMPLE_QUERY,
+            10,
+            metadata_filter_of(no_match),
+        )
+        .await;
+        assert!(hits.is_empty(), "{no_match:?} matched {hits:?}");
+    }
+
+    // Keys that are not plain identifiers work too.
+    let odd_key = "x.y [z]";
+    index
+        .upsert(
+            &info.id,
+            vec![chunk("doc-d", 0, [0.0, 0.0, 0.0, 1.0], &[(odd_key, "v")])],
+        )
+        .await
+        .unwrap();
+    let hits = search(
+        index,
+        &info.id,
+        SAMPLE_QUERY,
+        10,
+        metadata_filter_of(&[(odd_key, "v")]),
+    )
+    .await;
+    assert_eq!(ids(&hits), [point_id("doc-d", 0)]);
+
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// A non-empty document list restricts hits to those documents, and combines with metadata.
+pub(crate) async fn document_ids_filter(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    index.upsert(&info.id, sample_points()).await.unwrap();
+
+    let docs = |ids: &[&str]| SearchFilter {
+        metadata: BTreeMap::new(),
+        document_ids: ids.iter().map(|s| s.to_string()).collect(),
+    };
+    let hits = search(index, &info.id, SAMPLE_QUERY, 10, docs(&["doc-a", "doc-b"])).await;
+    assert_eq!(
+        ids(&hits),
+        [
+            point_id("doc-a", 0),
+            point_id("doc-a", 1),
+            point_id("doc-b", 0)
+        ]
+    );
+    let hits = search(index, &info.id, SAMPLE_QUERY, 10, docs(&["doc-c"])).await;
+    assert_eq!(ids(&hits), [point_id("doc-c", 0)]);
+    assert!(
+        search(index, &info.id, SAMPLE_QUERY, 10, docs(&["doc-x"]))
+            .await
+            .is_empty()
+    );
+
+    let mut combined = docs(&["doc-a", "doc-b"]);
+    combined.metadata.insert("team".into(), "core".into());
+    let hits = search(index, &info.id, SAMPLE_QUERY, 10, combined).await;
+    assert_eq!(ids(&hits), [point_id("doc-a", 0), point_id("doc-b", 0)]);
+
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Point operations on a collection that does not exist fail with NotFound.
+pub(crate) async fn unknown_collection_is_not_found(index: &dyn VectorIndex) {
+    let unknown = Uuid::new_v4().to_string();
+    assert_not_found(index.upsert(&unknown, sample_points()).await);
+    assert_not_found(index.upsert(&unknown, vec![]).await);
+    let query = DenseQuery {
+        vector: SAMPLE_QUERY.to_vec(),
+        top_k: 3,
+        filter: SearchFilter::default(),
+    };
+    assert_not_found(index.search(&unknown, query).await);
+    assert_not_found(
+        index
+            .delete_points(&unknown, vec![point_id("doc-a", 0)])
+            .await,
+    );
+    assert_not_found(index.count(&unknown).await);
+    index
+        .delete_collection(&unknown)
+        .await
+        .expect("deleting an unknown collection is Ok");
+}
+
+/// Deleting a collection removes its points and its name; a re-created one starts empty.
+pub(crate) async fn delete_collection_removes_everything(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    index.upsert(&info.id, sample_points()).await.unwrap();
+    index.delete_collection(&info.id).await.unwrap();
+
+    assert_eq!(index.resolve(&info.tenant, &info.name).await.unwrap(), None);
+    assert_not_found(index.count(&info.id).await);
+    let query = DenseQuery {
+        vector: SAMPLE_QUERY.to_vec(),
+        top_k: 3,
+        filter: SearchFilter::default(),
+    };
+    assert_not_found(index.search(&info.id, query).await);
+    assert_not_found(index.upsert(&info.id, sample_points()).await);
+    index
+        .delete_collection(&info.id)
+        .await
+        .expect("second delete is Ok");
+
+    index.create_collection(info.clone()).await.unwrap();
+    assert_eq!(index.count(&info.id).await.unwrap(), 0);
+    assert!(
+        search(index, &info.id, SAMPLE_QUERY, 10, SearchFilter::default())
+            .await
+            .is_empty()
+    );
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Two tenants may use the same name; each sees only its own collection and points.
+pub(crate) async fn tenants_are_isolated(index: &dyn VectorIndex) {
+    let mine = create(index).await;
+    let theirs = CollectionInfo {
+        id: Uuid::new_v4().to_string(),
+        tenant: format!("tenant-{}", Uuid::new_v4()),
+        ..mine.clone()
+    };
+    index
+        .create_collection(theirs.clone())
+        .await
+        .expect("same name, other tenant");
+
+    assert_eq!(
+        index.resolve(&mine.tenant, &mine.name).await.unwrap(),
+        Some(mine.clone())
+    );
+    assert_eq!(
+        index.resolve(&theirs.tenant, &theirs.name).await.unwrap(),
+        Some(theirs.clone())
+    );
+
+    index.upsert(&mine.id, sample_points()).await.unwrap();
+    assert_eq!(index.count(&theirs.id).await.unwrap(), 0);
+    assert!(
+        search(index, &theirs.id, SAMPLE_QUERY, 10, SearchFilter::default())
+            .await
+            .is_empty()
+    );
+
+    index.delete_collection(&mine.id).await.unwrap();
+    assert_eq!(
+        index.resolve(&theirs.tenant, &theirs.name).await.unwrap(),
+        Some(theirs.clone())
+    );
+    index.delete_collection(&theirs.id).await.unwrap();
+}
+
+/// Empty writes and `top_k == 0` are no-ops rather than errors.
+pub(crate) async fn empty_inputs(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    assert!(
+        search(index, &info.id, SAMPLE_QUERY, 10, SearchFilter::default())
+            .await
+            .is_empty()
+    );
+    assert_eq!(index.upsert(&info.id, vec![]).await.unwrap(), 0);
+    index.delete_points(&info.id, vec![]).await.unwrap();
+    index.upsert(&info.id, sample_points()).await.unwrap();
+    assert!(
+        search(index, &info.id, SAMPLE_QUERY, 0, SearchFilter::default())
+            .await
+            .is_empty()
+    );
+    assert_eq!(index.count(&info.id).await.unwrap(), 4);
+    index.delete_collection(&info.id).await.unwrap();
+}

@@ -1,0 +1,1151 @@
+//! [`VectorIndex`] on qdrant-edge: one embedded shard per collection, inside this process.
+//!
+//! Layout of the index directory:
+//! - `collections.json`: the registry of [`CollectionInfo`], replaced atomically on every change;
+//! - `collections/<id>/`: the collection's qdrant-edge shard;
+//! - `.lock`: locked while open, so two processes never share the directory.
+//!
+//! qdrant-edge is synchronous and does blocking file I/O, so every engine call runs on tokio's
+//! blocking pool.
+//!
+//! Durability: qdrant-edge 0.7.1 appends each update to its WAL but never replays the WAL when a
+//! shard is loaded, so an update survives a crash only once its segments are flushed. Every write
+//! therefore calls `EdgeShard::flush` (which fsyncs) before it is acknowledged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, TryLockError};
+use std::io::{self, Write as _};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use qdrant_edge::{
+    Condition, CountRequest, Distance, EdgeConfig, EdgeConfigBuilder, EdgeOptimizersConfig,
+    EdgeShard, EdgeVectorParamsBuilder, FieldCondition, Filter, JsonPath, Match, NamedQuery,
+    OperationError, PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum,
+    QueryRequest, ScoredPoint, ScoringQuery, UpdateOperation, Vectors, WalOptions,
+    WithPayloadInterface, WithVector,
+};
+use uuid::Uuid;
+
+use super::{CollectionInfo, DenseQuery, IndexPoint, ScoredChunk, SearchFilter, VectorIndex};
+use crate::{Error, Result};
+
+/// Name of the dense vector in every shard.
+const DENSE: &str = "dense";
+const REGISTRY_FILE: &str = "collections.json";
+const REGISTRY_TMP_FILE: &str = "collections.json.tmp";
+const REGISTRY_VERSION: u32 = 1;
+const COLLECTIONS_DIR: &str = "collections";
+const LOCK_FILE: &str = ".lock";
+const MAX_ID_LEN: usize = 128;
+
+/// Knobs for new collections; tests shrink them to exercise optimization on little data.
+#[derive(Clone, Debug)]
+struct Tuning {
+    /// WAL segment size. Each shard preallocates one, and there can be many collections.
+    wal_segment_bytes: usize,
+    /// Segment size above which the optimizer builds an HNSW graph; `None` keeps qdrant's 10 MB.
+    indexing_threshold_kb: Option<usize>,
+    /// Points written (upserted or deleted) to a collection before optimization is considered.
+    optimize_every_points: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            wal_segment_bytes: 2 << 20,
+            indexing_threshold_kb: None,
+            optimize_every_points: 1_000,
+        }
+    }
+}
+
+/// [`VectorIndex`] stored in a local directory through the embedded qdrant-edge engine.
+#[derive(Clone)]
+pub struct EdgeIndex {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    tuning: Tuning,
+    /// Serializes creates and deletes: registry file and collection directories.
+    admin: Mutex<()>,
+    /// Published registry; never held across I/O, so `resolve` can read it without blocking.
+    registry: RwLock<BTreeMap<String, CollectionInfo>>,
+    /// Shards opened so far. Taken before `registry` when both are needed.
+    shards: Mutex<HashMap<String, Arc<Shard>>>,
+    /// Held for the lifetime of the index.
+    _lock: File,
+}
+
+/// An open collection.
+struct Shard {
+    dimension: usize,
+    /// `None` once the collection is deleted; deletion takes the write lock, so it waits for
+    /// in-flight operations.
+    engine: RwLock<Option<EdgeShard>>,
+    /// Serializes update+flush and optimization: `EdgeShard::flush` panics instead of waiting
+    /// when another thread holds the shard's WAL or segment lock.
+    writer: Mutex<()>,
+    writes_since_optimize: AtomicUsize,
+    optimizing: AtomicBool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RegistryFile {
+    version: u32,
+    collections: Vec<CollectionInfo>,
+}
+
+impl EdgeIndex {
+    /// Opens (creating if needed) the index stored in `dir`; shards are loaded on first use.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_tuned(dir, Tuning::default())
+    }
+
+    fn open_tuned(dir: &Path, tuning: Tuning) -> Result<Self> {
+        let collections = dir.join(COLLECTIONS_DIR);
+        fs::create_dir_all(&collections).map_err(io_error("create", &collections))?;
+
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error("open", &lock_path))?;
+        lock.try_lock().map_err(|err| match err {
+            TryLockError::WouldBlock => Error::Unavailable(format!(
+                "index directory {} is in use by another process",
+                dir.display()
+            )),
+            TryLockError::Error(err) => io_error("lock", &lock_path)(err),
+        })?;
+
+        let registry = read_registry(dir)?;
+        remove_orphans(&collections, &registry)?;
+        tracing::info!(dir = %dir.display(), collections = registry.len(), "opened vector index");
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root: dir.to_path_buf(),
+                tuning,
+                admin: Mutex::new(()),
+                registry: RwLock::new(registry),
+                shards: Mutex::new(HashMap::new()),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// Runs `f` on the blocking pool; it keeps running to completion if the caller goes away.
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|err| Error::Internal(format!("vector index task failed: {err}")))?
+    }
+
+    /// Starts a background optimization of the collection if enough was written since the last.
+    fn maybe_optimize(&self, collection_id: String, shard: Arc<Shard>, written: usize) {
+        let total = shard
+            .writes_since_optimize
+            .fetch_add(written, Ordering::Relaxed)
+            + written;
+        if total < self.inner.tuning.optimize_every_points
+            || shard.optimizing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            if let Err(err) = shard.optimize(&collection_id) {
+                tracing::warn!(collection = %collection_id, error = %err, "optimizing collection failed");
+            }
+            shard.optimizing.store(false, Ordering::Release);
+        });
+    }
+}
+
+#[async_trait::async_trait]
+impl VectorIndex for EdgeIndex {
+    async fn create_collection(&self, info: CollectionInfo) -> Result<()> {
+        self.blocking(move |inner| inner.create_collection(info))
+            .await
+    }
+
+    async fn delete_collection(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.blocking(move |inner| inner.delete_collection(&id))
+            .await
+    }
+
+    async fn resolve(&self, tenant: &str, name: &str) -> Result<Option<CollectionInfo>> {
+        let registry = read(&self.inner.registry);
+        Ok(registry
+            .values()
+            .find(|c| c.tenant == tenant && c.name == name)
+            .cloned())
+    }
+
+    async fn upsert(&self, collection_id: &str, points: Vec<IndexPoint>) -> Result<usize> {
+        let id = collection_id.to_owned();
+        let (written, shard) = self
+            .blocking(move |inner| inner.upsert(&id, points))
+            .await?;
+        self.maybe_optimize(collection_id.to_owned(), shard, written);
+        Ok(written)
+    }
+
+    async fn delete_points(&self, collection_id: &str, ids: Vec<Uuid>) -> Result<()> {
+        let id = collection_id.to_owned();
+        let (deleted, shard) = self
+            .blocking(move |inner| inner.delete_points(&id, ids))
+            .await?;
+        // Deletions leave tombstones that the vacuum optimizer reclaims.
+        self.maybe_optimize(collection_id.to_owned(), shard, deleted);
+        Ok(())
+    }
+
+    async fn search(&self, collection_id: &str, query: DenseQuery) -> Result<Vec<ScoredChunk>> {
+        let id = collection_id.to_owned();
+        self.blocking(move |inner| inner.search(&id, query)).await
+    }
+
+    async fn count(&self, collection_id: &str) -> Result<u64> {
+        let id = collection_id.to_owned();
+        self.blocking(move |inner| inner.count(&id)).await
+    }
+}
+
+impl Inner {
+    fn collection_dir(&self, id: &str) -> PathBuf {
+        self.root.join(COLLECTIONS_DIR).join(id)
+    }
+
+    fn edge_config(&self, dimension: usize) -> EdgeConfig {
+        EdgeConfigBuilder::new()
+            .vector(
+                DENSE,
+                EdgeVectorParamsBuilder::new(dimension, Distance::Cosine).build(),
+            )
+            .wal_options(WalOptions {
+                segment_capacity: self.tuning.wal_segment_bytes,
+                segment_queue_len: 0,
+                retain_closed: NonZeroUsize::MIN,
+            })
+            .optimizers(EdgeOptimizersConfig {
+                indexing_threshold: self.tuning.indexing_threshold_kb,
+                ..EdgeOptimizersConfig::default()
+            })
+            .build()
+    }
+
+    fn create_collection(&self, info: CollectionInfo) -> Result<()> {
+        if info.dimension == 0 {
+            return Err(Error::invalid("dimension", "must be at least 1"));
+        }
+        validate_id(&info.id)?;
+
+        let _admin = lock(&self.admin);
+        let mut registry = read(&self.registry).clone();
+        if let Some(existing) = registry.get(&info.id) {
+            if *existing == info {
+                return Ok(());
+            }
+            return Err(Error::invalid(
+                "knowledge_base",
+                format!(
+                    "collection {} already exists as {}/{} (dimension {}, model {})",
+                    existing.id,
+                    existing.tenant,
+                    existing.name,
+                    existing.dimension,
+                    existing.embedding_model
+                ),
+            ));
+        }
+        if let Some(taken) = registry
+            .values()
+            .find(|c| c.tenant == info.tenant && c.name == info.name)
+        {
+            return Err(Error::invalid(
+                "knowledge_base",
+                format!(
+                    "tenant {} already has a knowledge base named {} (collection {})",
+                    info.tenant, info.name, taken.id
+                ),
+            ));
+        }
+
+        let path = self.collection_dir(&info.id);
+        // Leftover of a create or delete that crashed halfway; the registry does not know it.
+        remove_dir_if_exists(&path)?;
+        fs::create_dir_all(&path).map_err(io_error("create", &path))?;
+        let engine = match EdgeShard::new(&path, self.edge_config(info.dimension as usize)) {
+            Ok(engine) => engine,
+            Err(err) => {
+                let _ = fs::remove_dir_all(&path);
+                return Err(engine_error("create", &info.id, err));
+            }
+        };
+        // The shard must be complete on disk before the registry points at it.
+        engine.flush();
+        let collections = self.root.join(COLLECTIONS_DIR);
+        sync_dir(&collections)?;
+
+        registry.insert(info.id.clone(), info.clone());
+        if let Err(err) = write_registry(&self.root, &registry) {
+            drop(engine);
+            let _ = fs::remove_dir_all(&path);
+            return Err(err);
+        }
+        let mut shards = lock(&self.shards);
+        shards.insert(
+            info.id.clone(),
+            Arc::new(Shard::new(info.dimension as usize, engine)),
+        );
+        *write(&self.registry) = registry;
+        tracing::info!(collection = %info.id, tenant = %info.tenant, name = %info.name, "created collection");
+        Ok(())
+    }
+
+    fn delete_collection(&self, id: &str) -> Result<()> {
+        let _admin = lock(&self.admin);
+        let mut registry = read(&self.registry).clone();
+        if registry.remove(id).is_some() {
+            write_registry(&self.root, &registry)?;
+            // Unpublish under the shards lock so that nobody loads the shard again meanwhile.
+            let shard = {
+                let mut shards = lock(&self.shards);
+                *write(&self.registry) = registry;
+                shards.remove(id)
+            };
+            if let Some(shard) = shard {
+                // Waits for in-flight operations; later ones see `None` and report NotFound.
+                let engine = write(&shard.engine).take();
+                // Dropping flushes, so it must happen while the directory still exists.
+                drop(engine);
+            }
+            tracing::info!(collection = %id, "deleted collection");
+        }
+        // Also reached when a previous delete failed after updating the registry.
+        if validate_id(id).is_ok() {
+            remove_dir_if_exists(&self.collection_dir(id))?;
+        }
+        Ok(())
+    }
+
+    /// The open shard of a collection, loading it on first use.
+    fn shard(&self, id: &str) -> Result<Arc<Shard>> {
+        let mut shards = lock(&self.shards);
+        if let Some(shard) = shards.get(id) {
+            return Ok(Arc::clone(shard));
+        }
+        let info = read(&self.registry)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found(id))?;
+        let path = self.collection_dir(id);
+        let engine = EdgeShard::load(&path, None).map_err(|err| engine_error("load", id, err))?;
+        let dimension = info.dimension as usize;
+        let stored = engine.config().vectors.get(DENSE).map(|v| v.size);
+        if stored != Some(dimension) {
+            return Err(Error::Internal(format!(
+                "collection {id}: shard has dense vector size {stored:?}, registry says {dimension}"
+            )));
+        }
+        let shard = Arc::new(Shard::new(dimension, engine));
+        shards.insert(id.to_owned(), Arc::clone(&shard));
+        Ok(shard)
+    }
+
+    fn upsert(&self, id: &str, points: Vec<IndexPoint>) -> Result<(usize, Arc<Shard>)> {
+        let shard = self.shard(id)?;
+        for point in &points {
+            if point.vector.len() != shard.dimension {
+                return Err(Error::invalid(
+                    "points",
+                    format!(
+                        "point {} has {} dimensions, collection {id} expects {}",
+                        point.id,
+                        point.vector.len(),
+                        shard.dimension
+                    ),
+                ));
+            }
+            if !point.vector.iter().all(|x| x.is_finite()) {
+                return Err(Error::invalid(
+                    "points",
+                    format!("point {} has a non-finite vector component", point.id),
+                ));
+            }
+        }
+        let written = points.len();
+        if written > 0 {
+            let points = points
+                .into_iter()
+                .map(to_edge_point)
+                .collect::<Result<Vec<_>>>()?;
+            let op = PointOperations::UpsertPoints(PointInsertOperations::PointsList(points));
+            shard.write(id, UpdateOperation::PointOperation(op))?;
+        }
+        Ok((written, shard))
+    }
+
+    fn delete_points(&self, id: &str, ids: Vec<Uuid>) -> Result<(usize, Arc<Shard>)> {
+        let shard = self.shard(id)?;
+        let deleted = ids.len();
+        if deleted > 0 {
+            let ids = ids.into_iter().map(PointId::Uuid).collect();
+            shard.write(
+                id,
+                UpdateOperation::PointOperation(PointOperations::DeletePoints { ids }),
+            )?;
+        }
+        Ok((deleted, shard))
+    }
+
+    fn search(&self, id: &str, query: DenseQuery) -> Result<Vec<ScoredChunk>> {
+        let shard = self.shard(id)?;
+        if query.vector.len() != shard.dimension {
+            return Err(Error::invalid(
+                "vector",
+                format!(
+                    "query has {} dimensions, collection {id} expects {}",
+                    query.vector.len(),
+                    shard.dimension
+                ),
+            ));
+        }
+        if !query.vector.iter().all(|x| x.is_finite()) {
+            return Err(Error::invalid("vector", "query has a non-finite component"));
+        }
+        if query.top_k == 0 {
+            return Ok(Vec::new());
+        }
+        let request = QueryRequest {
+            prefetches: Vec::new(),
+            query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery::new(
+                query.vector.into(),
+                DENSE,
+            )))),
+            filter: to_edge_filter(&query.filter)?,
+            score_threshold: None,
+            limit: query.top_k,
+            offset: 0,
+            params: None,
+            with_vector: WithVector::Bool(false),
+            with_payload: WithPayloadInterface::Bool(true),
+        };
+        let hits = shard.read(id, |engine| {
+            engine
+                .query(request)
+                .map_err(|err| engine_error("search", id, err))
+        })?;
+        hits.into_iter().map(to_scored_chunk).collect()
+    }
+
+    fn count(&self, id: &str) -> Result<u64> {
+        let shard = self.shard(id)?;
+        let request = CountRequest {
+            filter: None,
+            exact: true,
+        };
+        let count = shard.read(id, |engine| {
+            engine
+                .count(request)
+                .map_err(|err| engine_error("count", id, err))
+        })?;
+        Ok(count as u64)
+    }
+}
+
+impl Shard {
+    fn new(dimension: usize, engine: EdgeShard) -> Self {
+        Self {
+            dimension,
+            engine: RwLock::new(Some(engine)),
+            writer: Mutex::new(()),
+            writes_since_optimize: AtomicUsize::new(0),
+            optimizing: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` on the engine, or NotFound if the collection was deleted meanwhile.
+    fn read<T>(&self, id: &str, f: impl FnOnce(&EdgeShard) -> Result<T>) -> Result<T> {
+        let engine = read(&self.engine);
+        f(engine.as_ref().ok_or_else(|| not_found(id))?)
+    }
+
+    /// Applies an update and makes it durable.
+    fn write(&self, id: &str, op: UpdateOperation) -> Result<()> {
+        self.read(id, |engine| {
+            let _writer = lock(&self.writer);
+            engine
+                .update(op)
+                .map_err(|err| engine_error("update", id, err))?;
+            // The WAL is not replayed on load, so only flushed segments count.
+            engine.flush();
+            Ok(())
+        })
+    }
+
+    /// Runs qdrant-edge's optimizers (segment merging, HNSW indexing, vacuum) until idle.
+    ///
+    /// Blocks writers to this collection meanwhile (searches go on), and delaying its deletion.
+    fn optimize(&self, id: &str) -> Result<bool> {
+        self.read(id, |engine| {
+            let _writer = lock(&self.writer);
+            self.writes_since_optimize.store(0, Ordering::Relaxed);
+            let optimized = engine.optimize().map_err(|err| engine_error("optimize", id, err))?;
+            if optimized {
+                engine.flush();
+                tracing::info!(collection = %id, segments = engine.info().segments_count, "optimized collection");
+            }
+            Ok(optimized)
+        })
+    }
+}
+
+fn to_edge_point(point: IndexPoint) -> Result<qdrant_edge::PointStructPersisted> {
+    let payload = serde_json::to_value(&point.payload).map_err(|err| {
+        Error::Internal(format!("serializing payload of point {}: {err}", point.id))
+    })?;
+    // `PointStruct::new` panics on a non-object payload; a struct always serializes to one.
+    Ok(PointStruct::new(
+        PointId::Uuid(point.id),
+        Vectors::new_named([(DENSE, point.vector)]),
+        payload,
+    )
+    .into())
+}
+
+fn to_scored_chunk(point: ScoredPoint) -> Result<ScoredChunk> {
+    let PointId::Uuid(id) = point.id else {
+        return Err(Error::Internal(format!(
+            "unexpected numeric point id {}",
+            point.id
+        )));
+    };
+    let payload = point
+        .payload
+        .ok_or_else(|| Error::Internal(format!("point {id} has no payload")))?;
+    let payload = serde_json::from_value(serde_json::Value::Object(payload.0))
+        .map_err(|err| Error::Internal(format!("point {id} has a malformed payload: {err}")))?;
+    Ok(ScoredChunk {
+        id,
+        score: point.score,
+        payload,
+    })
+}
+
+/// Translates a [`SearchFilter`] into a qdrant filter over the stored payload, `None` if empty.
+fn to_edge_filter(filter: &SearchFilter) -> Result<Option<Filter>> {
+    let mut must = Vec::new();
+    for (key, value) in &filter.metadata {
+        // Quoted, so keys with dots, spaces or brackets address one nested field.
+        if key.contains(['"', '\\']) {
+            return Err(Error::invalid(
+                "filter",
+                format!("metadata key {key:?} must not contain '\"' or '\\'"),
+            ));
+        }
+        let path = json_path(&format!("metadata.\"{key}\""))?;
+        must.push(Condition::Field(FieldCondition::new_match(
+            path,
+            Match::from(value.clone()),
+        )));
+    }
+    if !filter.document_ids.is_empty() {
+        let path = json_path("document_id")?;
+        must.push(Condition::Field(FieldCondition::new_match(
+            path,
+            Match::from(filter.document_ids.clone()),
+        )));
+    }
+    Ok((!must.is_empty()).then(|| Filter {
+        should: None,
+        min_should: None,
+        must: Some(must),
+        must_not: None,
+    }))
+}
+
+fn json_path(path: &str) -> Result<JsonPath> {
+    path.parse()
+        .map_err(|()| Error::invalid("filter", format!("cannot filter on {path}")))
+}
+
+/// Collection ids become directory names, so only plain ASCII names are accepted.
+fn validate_id(id: &str) -> Result<()> {
+    let plain = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if id.is_empty() || id.len() > MAX_ID_LEN || !plain {
+        return Err(Error::invalid(
+            "id",
+            format!(
+                "collection id {id:?} must be 1-{MAX_ID_LEN} ASCII letters, digits, '-' or '_'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn read_registry(root: &Path) -> Result<BTreeMap<String, CollectionInfo>> {
+    let path = root.join(REGISTRY_FILE);
+    let _ = fs::remove_file(root.join(REGISTRY_TMP_FILE));
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            // Without a registry, collection directories would look orphaned and be removed.
+            let collections = root.join(COLLECTIONS_DIR);
+            let mut entries = fs::read_dir(&collections).map_err(io_error("read", &collections))?;
+            if entries.next().is_some() {
+                return Err(Error::Internal(format!(
+                    "{} is missing but {} is not empty; refusing to open",
+                    path.display(),
+                    collections.display()
+                )));
+            }
+            return Ok(BTreeMap::new());
+        }
+        Err(err) => return Err(io_error("read", &path)(err)),
+    };
+    let file: RegistryFile = serde_json::from_slice(&bytes)
+        .map_err(|err| Error::Internal(format!("{} is malformed: {err}", path.display())))?;
+    if file.version != REGISTRY_VERSION {
+        return Err(Error::Internal(format!(
+            "{} has unsupported version {}",
+            path.display(),
+            file.version
+        )));
+    }
+    Ok(file
+        .collections
+        .into_iter()
+        .map(|c| (c.id.clone(), c))
+        .collect())
+}
+
+/// Replaces the registry file atomically: temp file, fsync, rename, fsync of the directory.
+fn write_registry(root: &Path, registry: &BTreeMap<String, CollectionInfo>) -> Result<()> {
+    let file = RegistryFile {
+        version: REGISTRY_VERSION,
+        collections: registry.values().cloned().collect(),
+    };
+    let bytes = serde_json::to_vec_pretty(&file)
+        .map_err(|err| Error::Internal(format!("serializing collection registry: {err}")))?;
+    let tmp = root.join(REGISTRY_TMP_FILE);
+    let mut out = File::create(&tmp).map_err(io_error("create", &tmp))?;
+    out.write_all(&bytes)
+        .and_then(|()| out.sync_all())
+        .map_err(io_error("write", &tmp))?;
+    drop(out);
+    let path = root.join(REGISTRY_FILE);
+    fs::rename(&tmp, &path).map_err(io_error("replace", &path))?;
+    sync_dir(root)
+}
+
+/// Removes collection directories the registry does not know: crashed creates or deletes.
+fn remove_orphans(collections: &Path, registry: &BTreeMap<String, CollectionInfo>) -> Result<()> {
+    for entry in fs::read_dir(collections).map_err(io_error("read", collections))? {
+        let entry = entry.map_err(io_error("read", collections))?;
+        let known = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| registry.contains_key(name));
+        if !known {
+            let path = entry.path();
+            tracing::warn!(path = %path.display(), "removing collection directory missing from the registry");
+            if path.is_dir() {
+                fs::remove_dir_all(&path).map_err(io_error("remove", &path))?;
+            } else {
+                fs::remove_file(&path).map_err(io_error("remove", &path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_dir_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(io_error("remove", path)(err)),
+        _ => Ok(()),
+    }
+}
+
+/// Makes renames and new entries in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("sync", dir))
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
+    let path = path.display().to_string();
+    move |err| Error::Internal(format!("cannot {action} {path}: {err}"))
+}
+
+fn engine_error(action: &str, id: &str, err: OperationError) -> Error {
+    Error::Internal(format!(
+        "vector engine failed to {action} collection {id}: {err}"
+    ))
+}
+
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("collection {id} not found"))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere (e.g. in qdrant-edge's flush) must not wedge the whole index.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{ChunkPayload, point_id};
+
+    async fn fresh_index() -> (EdgeIndex, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (EdgeIndex::open(dir.path()).unwrap(), dir)
+    }
+
+    mod conformance {
+        vector_index_conformance!(super::fresh_index);
+    }
+
+    fn sample_info(dimension: u32) -> CollectionInfo {
+        CollectionInfo {
+            id: Uuid::new_v4().to_string(),
+            tenant: "acme".into(),
+            name: "handbook".into(),
+            dimension,
+            embedding_model: "test-model".into(),
+        }
+    }
+
+    /// Deterministic pseudo-random unit-ish vectors, so tests need no RNG dependency.
+    fn vector(seed: u64, dimension: usize) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..dimension)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn points(
+        document_id: &str,
+        chunks: std::ops::Range<u32>,
+        dimension: usize,
+    ) -> Vec<IndexPoint> {
+        chunks
+            .map(|i| IndexPoint {
+                id: point_id(document_id, i),
+                vector: vector(u64::from(i), dimension),
+                payload: ChunkPayload {
+                    document_id: document_id.into(),
+                    chunk_index: i,
+                    text: format!("chunk {i}"),
+                    ..ChunkPayload::default()
+                },
+            })
+            .collect()
+    }
+
+    async fn wait_for_optimization(shard: &Shard) {
+        while shard.optimizing.load(Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    fn nearest(index_vector: &[f32]) -> DenseQuery {
+        DenseQuery {
+            vector: index_vector.to_vec(),
+            top_k: 3,
+            filter: SearchFilter::default(),
+        }
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn points_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = sample_info(8);
+        {
+            let index = EdgeIndex::open(dir.path()).unwrap();
+            index.create_collection(info.clone()).await.unwrap();
+            index
+                .upsert(&info.id, points("doc", 0..20, 8))
+                .await
+                .unwrap();
+            index
+                .delete_points(&info.id, vec![point_id("doc", 0)])
+                .await
+                .unwrap();
+        }
+        let index = EdgeIndex::open(dir.path()).unwrap();
+        assert_eq!(
+            index.resolve("acme", "handbook").await.unwrap(),
+            Some(info.clone())
+        );
+        assert_eq!(index.count(&info.id).await.unwrap(), 19);
+        let hits = index
+            .search(&info.id, nearest(&vector(7, 8)))
+            .await
+            .unwrap();
+        assert_eq!(hits[0].id, point_id("doc", 7));
+        assert_eq!(hits[0].payload.text, "chunk 7");
+    }
+
+    /// A copy of the directory taken right after the writes return is what a restart finds after
+    /// kill -9: the page cache survives the process, memory does not.
+    #[tokio::test]
+    async fn acknowledged_writes_survive_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = EdgeIndex::open(dir.path()).unwrap();
+        let info = sample_info(8);
+        index.create_collection(info.clone()).await.unwrap();
+        index
+            .upsert(&info.id, points("doc", 0..20, 8))
+            .await
+            .unwrap();
+        index
+            .delete_points(&info.id, vec![point_id("doc", 3)])
+            .await
+            .unwrap();
+        index
+            .upsert(&info.id, points("other", 0..5, 8))
+            .await
+            .unwrap();
+
+        let crashed = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), crashed.path());
+        let restarted = EdgeIndex::open(crashed.path()).unwrap();
+        assert_eq!(restarted.count(&info.id).await.unwrap(), 24);
+        let hits = restarted
+            .search(&info.id, nearest(&vector(3, 8)))
+            .await
+            .unwrap();
+        // doc/3 was deleted; other/3 has the same vector.
+        assert_eq!(hits[0].id, point_id("other", 3));
+        assert!(hits.iter().all(|h| h.id != point_id("doc", 3)));
+        drop(index);
+    }
+
+    #[tokio::test]
+    async fn a_directory_is_opened_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let _index = EdgeIndex::open(dir.path()).unwrap();
+        assert!(matches!(
+            EdgeIndex::open(dir.path()),
+            Err(Error::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn delete_collection_removes_its_directory_and_registry_entry() {
+        let (index, dir) = fresh_index().await;
+        let info = sample_info(4);
+        index.create_collection(info.clone()).await.unwrap();
+        index
+            .upsert(&info.id, points("doc", 0..3, 4))
+            .await
+            .unwrap();
+        let path = dir.path().join(COLLECTIONS_DIR).join(&info.id);
+        assert!(path.is_dir());
+        assert!(
+            fs::read_to_string(dir.path().join(REGISTRY_FILE))
+                .unwrap()
+                .contains(&info.id)
+        );
+
+        index.delete_collection(&info.id).await.unwrap();
+        assert!(!path.exists());
+        assert!(
+            !fs::read_to_string(dir.path().join(REGISTRY_FILE))
+                .unwrap()
+                .contains(&info.id)
+        );
+        drop(index);
+        let index = EdgeIndex::open(dir.path()).unwrap();
+        assert_eq!(index.resolve(&info.tenant, &info.name).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn orphaned_directories_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = sample_info(4);
+        {
+            let index = EdgeIndex::open(dir.path()).unwrap();
+            index.create_collection(kept.clone()).await.unwrap();
+        }
+        let orphan = dir
+            .path()
+            .join(COLLECTIONS_DIR)
+            .join(Uuid::new_v4().to_string());
+        fs::create_dir_all(orphan.join("segments")).unwrap();
+        let index = EdgeIndex::open(dir.path()).unwrap();
+        assert!(!orphan.exists());
+        assert_eq!(index.count(&kept.id).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn missing_registry_with_collections_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let index = EdgeIndex::open(dir.path()).unwrap();
+            index.create_collection(sample_info(4)).await.unwrap();
+        }
+        fs::remove_file(dir.path().join(REGISTRY_FILE)).unwrap();
+        assert!(matches!(
+            EdgeIndex::open(dir.path()),
+            Err(Error::Internal(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn ids_that_are_not_plain_names_are_rejected() {
+        let (index, dir) = fresh_index().await;
+        for id in ["", "../escape", "a/b", "."] {
+            let info = CollectionInfo {
+                id: id.into(),
+                ..sample_info(4)
+            };
+            match index.create_collection(info).await {
+                Err(Error::InvalidArgument { field: "id", .. }) => {}
+                other => panic!("{id:?}: {other:?}"),
+            }
+            index.delete_collection(id).await.unwrap();
+        }
+        assert!(dir.path().join(COLLECTIONS_DIR).is_dir());
+    }
+
+    #[tokio::test]
+    async fn metadata_keys_with_quotes_are_rejected() {
+        let (index, _dir) = fresh_index().await;
+        let info = sample_info(4);
+        index.create_collection(info.clone()).await.unwrap();
+        let mut query = nearest(&[1.0, 0.0, 0.0, 0.0]);
+        query.filter.metadata.insert("a\"b".into(), "x".into());
+        assert!(matches!(
+            index.search(&info.id, query).await,
+            Err(Error::InvalidArgument {
+                field: "filter",
+                ..
+            })
+        ));
+    }
+
+    /// With a tiny indexing threshold, writes trigger HNSW building; results stay right and
+    /// survive a reopen.
+    #[tokio::test]
+    async fn optimization_builds_an_index_and_keeps_results() {
+        const DIM: usize = 16;
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning {
+            indexing_threshold_kb: Some(8),
+            optimize_every_points: 200,
+            ..Tuning::default()
+        };
+        let info = sample_info(DIM as u32);
+        {
+            let index = EdgeIndex::open_tuned(dir.path(), tuning.clone()).unwrap();
+            index.create_collection(info.clone()).await.unwrap();
+            for start in (0..1000).step_by(250) {
+                index
+                    .upsert(&info.id, points("doc", start..start + 250, DIM))
+                    .await
+                    .unwrap();
+            }
+            let shard = index.inner.shard(&info.id).unwrap();
+            wait_for_optimization(&shard).await;
+            // Finish whatever the background run left over, deterministically.
+            shard.optimize(&info.id).unwrap();
+            let engine_info = shard.read(&info.id, |e| Ok(e.info())).unwrap();
+            assert!(engine_info.indexed_vectors_count > 0, "{engine_info:?}");
+
+            index
+                .delete_points(&info.id, vec![point_id("doc", 500)])
+                .await
+                .unwrap();
+            assert_eq!(index.count(&info.id).await.unwrap(), 999);
+            // A running optimization keeps the shard open, which would make the reopen fail.
+            wait_for_optimization(&shard).await;
+        }
+        let index = EdgeIndex::open_tuned(dir.path(), tuning).unwrap();
+        assert_eq!(index.count(&info.id).await.unwrap(), 999);
+        for n in [0u32, 123, 777, 999] {
+            let hits = index
+                .search(&info.id, nearest(&vector(u64::from(n), DIM)))
+                .await
+                .unwrap();
+            assert_eq!(hits[0].id, point_id("doc", n));
+            assert_eq!(hits[0].payload.chunk_index, n);
+            assert!((hits[0].score - 1.0).abs() < 1e-4);
+        }
+        let hits = index
+            .search(&info.id, nearest(&vector(500, DIM)))
+            .await
+            .unwrap();
+        assert!(hits.iter().all(|h| h.id != point_id("doc", 500)));
+    }
+
+    fn dir_size(path: &Path) -> u64 {
+        let mut total = 0;
+        for entry in fs::read_dir(path).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            total += if meta.is_dir() {
+                dir_size(&entry.path())
+            } else {
+                meta.len()
+            };
+        }
+        total
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore]
+    async fn zz_experiment_perf() {
+        use std::time::Instant;
+        const DIM: usize = 384;
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning {
+            optimize_every_points: usize::MAX,
+            ..Tuning::default()
+        };
+        let index = EdgeIndex::open_tuned(dir.path(), tuning).unwrap();
+        let info = sample_info(DIM as u32);
+        let t = Instant::now();
+        index.create_collection(info.clone()).await.unwrap();
+        eprintln!("create: {:?}", t.elapsed());
+        let coll = dir.path().join(COLLECTIONS_DIR).join(&info.id);
+        eprintln!(
+            "empty collection size on disk: {} KiB (wal {} KiB)",
+            dir_size(&coll) / 1024,
+            dir_size(&coll.join("wal")) / 1024
+        );
+        let n = 20_000u32;
+        let t = Instant::now();
+        for start in (0..n).step_by(100) {
+            let mut pts = points("doc", start..start + 100, DIM);
+            for p in &mut pts {
+                p.payload.text = "x".repeat(1000);
+                p.payload.metadata.insert(
+                    "lang".into(),
+                    if p.payload.chunk_index % 2 == 0 {
+                        "en".into()
+                    } else {
+                        "de".into()
+                    },
+                );
+            }
+            index.upsert(&info.id, pts).await.unwrap();
+        }
+        eprintln!(
+            "upsert {n} in batches of 100: {:?} ({:?}/batch)",
+            t.elapsed(),
+            t.elapsed() / (n / 100)
+        );
+        let t = Instant::now();
+        index
+            .upsert(&info.id, points("single", 0..1, DIM))
+            .await
+            .unwrap();
+        eprintln!("single-point upsert: {:?}", t.elapsed());
+        eprintln!(
+            "size: total {} MiB, wal {} MiB, segments {} MiB",
+            dir_size(&coll) >> 20,
+            dir_size(&coll.join("wal")) >> 20,
+            dir_size(&coll.join("segments")) >> 20
+        );
+        let shard = index.inner.shard(&info.id).unwrap();
+        eprintln!(
+            "info before optimize: {:?}",
+            shard.read(&info.id, |e| Ok(e.info())).unwrap()
+        );
+        let bench = |label: &'static str| {
+            let index = index.clone();
+            let id = info.id.clone();
+            async move {
+                let t = Instant::now();
+                for q in 0..20u64 {
+                    let mut query = nearest(&vector(q * 7, DIM));
+                    query.top_k = 10;
+                    if label.contains("filtered") {
+                        query.filter.metadata.insert("lang".into(), "de".into());
+                    }
+                    if label.contains("docs") {
+                        query.filter.document_ids = vec!["single".into()];
+                    }
+                    let hits = index.search(&id, query).await.unwrap();
+                    assert!(!hits.is_empty());
+                }
+                eprintln!("{label}: {:?}/search", t.elapsed() / 20);
+            }
+        };
+        bench("brute force").await;
+        bench("brute force filtered").await;
+        bench("brute force docs").await;
+        let t = Instant::now();
+        let optimized = shard.optimize(&info.id).unwrap();
+        eprintln!("optimize: {optimized} in {:?}", t.elapsed());
+        eprintln!(
+            "info after optimize: {:?}",
+            shard.read(&info.id, |e| Ok(e.info())).unwrap()
+        );
+        bench("hnsw").await;
+        bench("hnsw filtered").await;
+        bench("hnsw docs").await;
+        let t = Instant::now();
+        index
+            .upsert(&info.id, points("late", 0..100, DIM))
+            .await
+            .unwrap();
+        eprintln!("upsert 100 after optimize: {:?}", t.elapsed());
+        eprintln!(
+            "size after optimize: total {} MiB, wal {} MiB",
+            dir_size(&coll) >> 20,
+            dir_size(&coll.join("wal")) >> 20
+        );
+        let t = Instant::now();
+        index.delete_collection(&info.id).await.unwrap();
+        eprintln!("delete: {:?}", t.elapsed());
+        drop(shard);
+    }
+}

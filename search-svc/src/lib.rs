@@ -1,0 +1,77 @@
+//! search-svc: owns the vector index (the only writer, through the internal `IndexService`) and
+//! answers `SearchService` queries: embed the query through embed-svc, search the knowledge
+//! base's collection, return the best chunks.
+
+pub mod cache;
+pub mod error;
+pub mod grpc;
+pub mod index;
+pub mod search;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use smartdb_kit::client::{ChannelOptions, channel};
+use smartdb_kit::config::ServerArgs;
+use smartdb_kit::server::{MAX_MESSAGE_BYTES, ServiceServer};
+use smartdb_proto::v1::index_service_server::IndexServiceServer;
+use smartdb_proto::v1::search_service_server::SearchServiceServer;
+
+pub use error::{Error, Result};
+
+/// Configuration of search-svc.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Listen addresses and logging.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Directory of the embedded index (default: `<SMARTDB_DATA_DIR>/search`).
+    #[arg(long, env = "SMARTDB_SEARCH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of embed-svc.
+    #[arg(long, env = "SMARTDB_EMBED_ADDR", default_value = "127.0.0.1:50054")]
+    pub embed_addr: String,
+    /// Search answers kept in the result cache.
+    #[arg(long, env = "SMARTDB_SEARCH_CACHE_ENTRIES", default_value_t = 10_000)]
+    pub cache_entries: u64,
+    /// How long a cached answer may be served.
+    #[arg(long, env = "SMARTDB_SEARCH_CACHE_TTL", default_value = "10m", value_parser = smartdb_kit::config::parse_duration)]
+    pub cache_ttl: Duration,
+}
+
+/// Runs search-svc until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let data_dir = config
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| smartdb_kit::config::default_data_dir().join("search"));
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| anyhow::anyhow!("create {}: {e}", data_dir.display()))?;
+    let index: Arc<dyn index::VectorIndex> = {
+        let dir = data_dir.clone();
+        Arc::new(tokio::task::spawn_blocking(move || index::edge::EdgeIndex::open(&dir)).await??)
+    };
+    let versions = Arc::new(cache::Versions::default());
+    let embed = channel(&config.embed_addr, &ChannelOptions::default())?;
+    let searcher = Arc::new(search::Searcher::new(
+        index.clone(),
+        embed,
+        cache::ResultCache::new(config.cache_entries, config.cache_ttl),
+        versions.clone(),
+    ));
+
+    let mut server = ServiceServer::new("search-svc").await;
+    server.add_service(SearchServiceServer::new(grpc::SearchGrpc::new(searcher)));
+    server.add_service(
+        IndexServiceServer::new(grpc::IndexGrpc::new(index, versions))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let health = server.health();
+    // The index is open: this service can answer (searches degrade on their own if embed-svc is away).
+    tokio::spawn(async move { health.set_serving().await });
+    server.run(&config.server, shutdown).await
+}

@@ -1,0 +1,369 @@
+//! The whole cluster, end to end, through the gateway: health, reflection, the
+//! create → ingest → search → delete path, errors for bad input, and metrics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, eventually, grpcurl, health, http_get};
+use smartdb_proto::v1 as pb;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const DOCS: [(&str, &str); 3] = [
+    (
+        "sourdough.md",
+        "# Baking sourdough bread\n\nFeed the starter with flour and water the night before. Mix the dough, \
+         let it rise slowly, shape the loaf and bake it in a very hot Dutch oven until the crust is dark and crisp.",
+    ),
+    (
+        "orbits.txt",
+        "Planets move around the Sun on elliptical orbits. Kepler's laws describe how a planet sweeps equal \
+         areas in equal times, and gravity from the Sun keeps the planets and comets in their paths.",
+    ),
+    (
+        "tcp.txt",
+        "TCP provides reliable, ordered delivery of bytes between hosts. The three-way handshake opens a \
+         connection, sequence numbers and acknowledgements detect lost packets, and congestion control \
+         slows the sender when the network is congested.",
+    ),
+];
+
+const QUERIES: [(&str, &str); 3] = [
+    ("how do I make bread with a starter?", "sourdough.md"),
+    ("what keeps planets moving around the sun", "orbits.txt"),
+    (
+        "how does a network protocol retransmit lost packets",
+        "tcp.txt",
+    ),
+];
+
+async fn upload(
+    cluster: &Cluster,
+    kb: &str,
+    name: &str,
+    bytes: &[u8],
+) -> Result<pb::UploadDocumentResponse, tonic::Status> {
+    let mut messages = vec![pb::UploadDocumentRequest {
+        payload: Some(pb::upload_document_request::Payload::Header(
+            pb::DocumentHeader {
+                knowledge_base: kb.to_owned(),
+                source_name: name.to_owned(),
+                wait: true,
+                ..Default::default()
+            },
+        )),
+    }];
+    // Split into several messages to exercise the stream.
+    for piece in bytes.chunks(64) {
+        messages.push(pb::UploadDocumentRequest {
+            payload: Some(pb::upload_document_request::Payload::Data(piece.to_vec())),
+        });
+    }
+    cluster
+        .docs()
+        .await
+        .upload_document(tokio_stream::iter(messages))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn search(
+    cluster: &Cluster,
+    kb: &str,
+    query: &str,
+) -> Result<pb::SearchResponse, tonic::Status> {
+    cluster
+        .search()
+        .await
+        .search(pb::SearchRequest {
+            knowledge_base: kb.to_owned(),
+            query: query.to_owned(),
+            top_k: 5,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Generates Python stubs from `proto/` with grpcio-tools and runs `tests/python/client.py`.
+fn python_client(cluster: &Cluster, kb: &str, query: &str) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let stubs = cluster.data_dir.path().join("py-stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    let protos: Vec<String> = std::fs::read_dir(root.join("proto/smartdb/v1"))
+        .unwrap()
+        .map(|e| format!("smartdb/v1/{}", e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    let generated = std::process::Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I", "."])
+        .arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()))
+        .args(&protos)
+        .current_dir(root.join("proto"))
+        .output()
+        .expect("run grpc_tools.protoc (pip install grpcio-tools)");
+    assert!(
+        generated.status.success(),
+        "protoc: {}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let output = std::process::Command::new("python3")
+        .arg(root.join("tests/python/client.py"))
+        .args([cluster.gateway.as_str(), stubs.to_str().unwrap(), kb, query])
+        .output()
+        .expect("run python client");
+    assert!(
+        output.status.success(),
+        "python client: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_end_to_end() {
+    let cluster = Cluster::start().await;
+
+    // Every service reports SERVING, overall and per service.
+    let expectations = [
+        (
+            "gateway",
+            vec![
+                "smartdb.v1.KnowledgeBaseService",
+                "smartdb.v1.DocumentService",
+                "smartdb.v1.SearchService",
+                "smartdb.v1.AdminService",
+            ],
+        ),
+        (
+            "search-svc",
+            vec!["smartdb.v1.SearchService", "smartdb.v1.IndexService"],
+        ),
+        (
+            "ingest-svc",
+            vec![
+                "smartdb.v1.KnowledgeBaseService",
+                "smartdb.v1.DocumentService",
+            ],
+        ),
+        ("embed-svc", vec!["smartdb.v1.EmbedService"]),
+    ];
+    for (name, services) in &expectations {
+        let addr = cluster.service(name).grpc;
+        assert_eq!(
+            health(&addr, "").await,
+            Some(ServingStatus::Serving),
+            "{name} overall"
+        );
+        for service in services {
+            let status = eventually(Duration::from_secs(10), "per-service health", || async {
+                (health(&addr, service).await == Some(ServingStatus::Serving)).then_some(())
+            })
+            .await;
+            let () = status;
+        }
+        // Reflection lists exactly what the server serves, plus health and reflection.
+        let listed = grpcurl(&["-plaintext", &addr, "list"]);
+        for service in services {
+            assert!(
+                listed.lines().any(|l| l == *service),
+                "{name} lists {service}: {listed}"
+            );
+        }
+        assert!(listed.contains("grpc.health.v1.Health"), "{listed}");
+    }
+    let described = grpcurl(&[
+        "-plaintext",
+        &cluster.gateway,
+        "describe",
+        "smartdb.v1.SearchService.Search",
+    ]);
+    assert!(
+        described.contains("best-matching chunks"),
+        "proto comments reach grpcurl describe: {described}"
+    );
+
+    // Create a knowledge base and ingest three documents on different topics.
+    let mut kbs = cluster.kbs().await;
+    let kb = kbs
+        .create_knowledge_base(pb::CreateKnowledgeBaseRequest {
+            name: "e2e".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create kb")
+        .into_inner()
+        .knowledge_base
+        .unwrap();
+    assert_eq!(kb.embedding_model, "all-MiniLM-L6-v2");
+    let err = kbs
+        .create_knowledge_base(pb::CreateKnowledgeBaseRequest {
+            name: "e2e".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    let mut ids = std::collections::HashMap::new();
+    for (name, text) in DOCS {
+        let response = upload(&cluster, "e2e", name, text.as_bytes())
+            .await
+            .expect("upload");
+        let doc = response.document.unwrap();
+        assert_eq!(
+            doc.status,
+            pb::DocumentStatus::Indexed as i32,
+            "{name}: {doc:?}"
+        );
+        assert!(doc.chunk_count >= 1);
+        ids.insert(name, doc.id);
+    }
+    // The same bytes again: no new document.
+    let again = upload(&cluster, "e2e", "copy.txt", DOCS[1].1.as_bytes())
+        .await
+        .unwrap();
+    assert!(again.deduplicated);
+    assert_eq!(again.document.unwrap().id, ids["orbits.txt"]);
+    let listed = cluster
+        .docs()
+        .await
+        .list_documents(pb::ListDocumentsRequest {
+            knowledge_base: "e2e".into(),
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.documents.len(), 2);
+    assert!(!listed.next_page_token.is_empty());
+
+    // Each query finds its document first.
+    for (query, expected) in QUERIES {
+        let response = search(&cluster, "e2e", query).await.expect("search");
+        let first = response
+            .hits
+            .first()
+            .unwrap_or_else(|| panic!("no hits for {query:?}"));
+        assert_eq!(
+            first.document_id, ids[expected],
+            "{query:?} → {:?}",
+            response.hits
+        );
+        assert_eq!(first.source_name, expected);
+        assert!(!first.text.is_empty());
+    }
+    // Same search again comes from the cache.
+    assert!(search(&cluster, "e2e", QUERIES[0].0).await.unwrap().cached);
+
+    // Delete a document: it no longer appears.
+    let deleted = cluster
+        .docs()
+        .await
+        .delete_document(pb::DeleteDocumentRequest {
+            knowledge_base: "e2e".into(),
+            document_id: ids["tcp.txt"].clone(),
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    assert!(deleted.deleted_chunks >= 1);
+    let response = search(&cluster, "e2e", QUERIES[2].0).await.unwrap();
+    assert!(
+        response
+            .hits
+            .iter()
+            .all(|h| h.document_id != ids["tcp.txt"]),
+        "{:?}",
+        response.hits
+    );
+    let err = cluster
+        .docs()
+        .await
+        .get_document(pb::GetDocumentRequest {
+            knowledge_base: "e2e".into(),
+            document_id: ids["tcp.txt"].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Bad input gets a clear error naming the problem.
+    let err = kbs
+        .create_knowledge_base(pb::CreateKnowledgeBaseRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("name"), "{}", err.message());
+
+    let err = search(&cluster, "no-such-kb", "anything")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("no-such-kb"), "{}", err.message());
+
+    let err = search(&cluster, "e2e", "   ").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("query"), "{}", err.message());
+
+    let err = upload(&cluster, "e2e", "empty.txt", b"").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("empty"), "{}", err.message());
+
+    let err = upload(&cluster, "no-such-kb", "a.txt", b"hello")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let err = upload(&cluster, "e2e", "a.pdf", b"%PDF-1.7 binary")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("application/pdf"),
+        "{}",
+        err.message()
+    );
+
+    // …and the cluster still answers.
+    let response = search(&cluster, "e2e", QUERIES[1].0)
+        .await
+        .expect("search after errors");
+    assert_eq!(response.hits[0].document_id, ids["orbits.txt"]);
+
+    // A client generated in another language from proto/ works against the gateway.
+    let python_hit = python_client(&cluster, "e2e", QUERIES[1].0);
+    assert_eq!(python_hit.trim(), "orbits.txt");
+
+    // Cluster status through the gateway.
+    let status = pb::admin_service_client::AdminServiceClient::new(cluster.channel().await)
+        .get_cluster_status(pb::GetClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.healthy, "{status:?}");
+    assert_eq!(status.services.len(), 4);
+
+    // Metrics: one layer counts calls and errors by code.
+    let metrics = http_get(&cluster.service("gateway").http, "/metrics").await;
+    assert!(metrics.contains("grpc_server_requests_total{service=\"smartdb.v1.SearchService\",method=\"Search\",code=\"Ok\"}"), "{metrics}");
+    assert!(metrics.contains("code=\"NotFound\""), "{metrics}");
+    assert!(
+        metrics.contains("grpc_server_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+
+    // Deleting the knowledge base removes everything.
+    let removed = kbs
+        .delete_knowledge_base(pb::DeleteKnowledgeBaseRequest { name: "e2e".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.deleted_documents, 2);
+    assert_eq!(
+        search(&cluster, "e2e", "bread").await.unwrap_err().code(),
+        Code::NotFound
+    );
+}

