@@ -272,7 +272,9 @@ fn spawn_child(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .kill_on_drop(true)
+        // Own process group: Ctrl-C reaches only the supervisor, which stops children in order.
+        .process_group(0);
     // If the supervisor dies, its children must not outlive it.
     unsafe {
         command.pre_exec(|| {

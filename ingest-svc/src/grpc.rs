@@ -218,7 +218,9 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
             Ok(pb::TextFormat::Markdown) => Some(ContentType::Markdown),
             Ok(pb::TextFormat::Unspecified) => None,
             Err(_) => {
-                return Err(Error::invalid("format", format!("unknown format {}", r.format)).into());
+                return Err(
+                    Error::invalid("format", format!("unknown format {}", r.format)).into(),
+                );
             }
         };
         let new = NewDocument {

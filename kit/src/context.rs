@@ -105,9 +105,9 @@ impl CallContext {
 pub fn strip_internal(metadata: &mut MetadataMap) {
     let keys: Vec<String> = metadata
         .keys()
-        .filter_map(|k| match k {
-            tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str().to_owned()),
-            tonic::metadata::KeyRef::Binary(k) => Some(k.as_str().to_owned()),
+        .map(|k| match k {
+            tonic::metadata::KeyRef::Ascii(k) => k.as_str().to_owned(),
+            tonic::metadata::KeyRef::Binary(k) => k.as_str().to_owned(),
         })
         .filter(|k| k.starts_with(INTERNAL_PREFIX))
         .collect();

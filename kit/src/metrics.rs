@@ -106,7 +106,7 @@ where
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
-                    .map(|c| tonic::Code::from_i32(c))
+                    .map(tonic::Code::from_i32)
                     .unwrap_or(tonic::Code::Ok),
                 Err(_) => tonic::Code::Unknown,
             };

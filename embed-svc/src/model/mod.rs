@@ -6,6 +6,7 @@
 //! the only registry a locked-down network still reaches (as in our CI). Either way the weights
 //! are accepted only if their sha256 matches the pinned one.
 
+mod bert;
 mod fetch;
 mod local;
 

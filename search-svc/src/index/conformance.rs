@@ -3,7 +3,18 @@
 //! Each case is an async fn taking `&dyn VectorIndex`; `vector_index_conformance!` turns them all
 //! into `#[tokio::test]`s for one implementation. Cases use fresh random collection ids and tenants
 //! and delete what they create, so they can share one index (e.g. a real Qdrant server) and run
-//! in parallel.
+//! in parallel. In an implementation's test module:
+//!
+//! ```ignore
+//! async fn fresh_index() -> (MyIndex, Guard) { /* a new index, plus whatever must outlive it */ }
+//! mod conformance {
+//!     vector_index_conformance!(super::fresh_index);
+//! }
+//! ```
+//!
+//! Besides the trait docs, the cases pin down: error field names (`dimension`, `knowledge_base`,
+//! `points`), scores as cosine similarity, metadata keys of any characters, and `top_k == 0` or an
+//! empty batch being a no-op.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +29,7 @@ use crate::{Error, Result};
 /// Instantiates every conformance case as a `#[tokio::test]`.
 ///
 /// `$factory` is an async fn returning `(index, guard)`; the guard (e.g. a temp dir) is kept alive
-/// for the duration of the test.
+/// for the duration of the test. A new case must be added to the list below to run.
 macro_rules! vector_index_conformance {
     ($factory:path) => {
         vector_index_conformance!(@cases $factory;
@@ -471,8 +482,8 @@ pub(crate) async fn metadata_filter(index: &dyn VectorIndex) {
         assert!(hits.is_empty(), "{no_match:?} matched {hits:?}");
     }
 
-    // Keys that are not plain identifiers work too.
-    let odd_key = "x.y [z]";
+    // Any key works, even one that is no valid path in a JSON query language.
+    let odd_key = r#"x.y [z] "q" \ ="#;
     index
         .upsert(
             &info.id,

@@ -10,7 +10,18 @@
 //!
 //! Durability: qdrant-edge 0.7.1 appends each update to its WAL but never replays the WAL when a
 //! shard is loaded, so an update survives a crash only once its segments are flushed. Every write
-//! therefore calls `EdgeShard::flush` (which fsyncs) before it is acknowledged.
+//! therefore calls `EdgeShard::flush` (which fsyncs) before it is acknowledged. The WAL is never
+//! truncated either; it grows with every write until the collection is deleted.
+//!
+//! Payload: [`super::ChunkPayload`] as JSON plus `metadata_pairs`; `document_id` and
+//! `metadata_pairs` are keyword-indexed: filtered searches then skip reading payloads from disk
+//! (at 20,000 chunks a metadata filter took 4 ms instead of 90 ms).
+//!
+//! Optimization: qdrant-edge only merges segments and builds HNSW graphs when asked. After every
+//! 1000 written points a background task runs its optimizers; they do nothing until a segment
+//! holds more than 10 MB of vectors (~6,500 at 384 dimensions), below which search is brute force.
+//! Writes to a collection wait while it is optimized (20,000 x 384 took 20-55 s on 2 busy cores);
+//! searches go on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, TryLockError};
@@ -21,11 +32,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use qdrant_edge::{
-    Condition, CountRequest, Distance, EdgeConfig, EdgeConfigBuilder, EdgeOptimizersConfig,
-    EdgeShard, EdgeVectorParamsBuilder, FieldCondition, Filter, JsonPath, Match, NamedQuery,
-    OperationError, PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum,
-    QueryRequest, ScoredPoint, ScoringQuery, UpdateOperation, Vectors, WalOptions,
-    WithPayloadInterface, WithVector,
+    Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeConfigBuilder,
+    EdgeOptimizersConfig, EdgeShard, EdgeVectorParamsBuilder, FieldCondition, FieldIndexOperations,
+    Filter, JsonPath, Match, NamedQuery, OperationError, PayloadFieldSchema, PayloadSchemaType,
+    PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum, QueryRequest,
+    ScoredPoint, ScoringQuery, UpdateOperation, Vectors, WalOptions, WithPayloadInterface,
+    WithVector,
 };
 use uuid::Uuid;
 
@@ -34,6 +46,13 @@ use crate::{Error, Result};
 
 /// Name of the dense vector in every shard.
 const DENSE: &str = "dense";
+/// Payload field of [`super::ChunkPayload::document_id`], keyword-indexed.
+const DOCUMENT_ID_FIELD: &str = "document_id";
+/// Extra payload field listing the metadata entries as `["key","value"]` strings, keyword-indexed.
+///
+/// Filtering on it instead of on `metadata.<key>` needs a single index whatever the keys are,
+/// and accepts any key (qdrant paths cannot address keys containing `"` or `\`).
+const METADATA_PAIRS_FIELD: &str = "metadata_pairs";
 const REGISTRY_FILE: &str = "collections.json";
 const REGISTRY_TMP_FILE: &str = "collections.json.tmp";
 const REGISTRY_VERSION: u32 = 1;
@@ -44,7 +63,8 @@ const MAX_ID_LEN: usize = 128;
 /// Knobs for new collections; tests shrink them to exercise optimization on little data.
 #[derive(Clone, Debug)]
 struct Tuning {
-    /// WAL segment size. Each shard preallocates one, and there can be many collections.
+    /// WAL segment size. Each shard keeps two (sparse) segment files, and there can be many
+    /// collections.
     wal_segment_bytes: usize,
     /// Segment size above which the optimizer builds an HNSW graph; `None` keeps qdrant's 10 MB.
     indexing_threshold_kb: Option<usize>,
@@ -165,10 +185,19 @@ impl EdgeIndex {
             return;
         }
         tokio::task::spawn_blocking(move || {
-            if let Err(err) = shard.optimize(&collection_id) {
-                tracing::warn!(collection = %collection_id, error = %err, "optimizing collection failed");
+            // Reset even if qdrant-edge panics, or the collection would never be optimized again.
+            struct Done<'a>(&'a AtomicBool);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
             }
-            shard.optimizing.store(false, Ordering::Release);
+            let _done = Done(&shard.optimizing);
+            if let Err(err) = shard.optimize(&collection_id) {
+                tracing::warn!(
+                    collection = %collection_id, error = %err, "optimizing collection failed"
+                );
+            }
         });
     }
 }
@@ -288,11 +317,14 @@ impl Inner {
         // Leftover of a create or delete that crashed halfway; the registry does not know it.
         remove_dir_if_exists(&path)?;
         fs::create_dir_all(&path).map_err(io_error("create", &path))?;
-        let engine = match EdgeShard::new(&path, self.edge_config(info.dimension as usize)) {
+        let created = EdgeShard::new(&path, self.edge_config(info.dimension as usize))
+            .map_err(|err| engine_error("create", &info.id, err))
+            .and_then(|engine| create_payload_indexes(&engine, &info.id).map(|()| engine));
+        let engine = match created {
             Ok(engine) => engine,
             Err(err) => {
                 let _ = fs::remove_dir_all(&path);
-                return Err(engine_error("create", &info.id, err));
+                return Err(err);
             }
         };
         // The shard must be complete on disk before the registry points at it.
@@ -312,7 +344,9 @@ impl Inner {
             Arc::new(Shard::new(info.dimension as usize, engine)),
         );
         *write(&self.registry) = registry;
-        tracing::info!(collection = %info.id, tenant = %info.tenant, name = %info.name, "created collection");
+        tracing::info!(
+            collection = %info.id, tenant = %info.tenant, name = %info.name, "created collection"
+        );
         Ok(())
     }
 
@@ -361,6 +395,9 @@ impl Inner {
                 "collection {id}: shard has dense vector size {stored:?}, registry says {dimension}"
             )));
         }
+        // A segment created on load (e.g. after optimization) starts without payload indexes.
+        create_payload_indexes(&engine, id)?;
+        engine.flush();
         let shard = Arc::new(Shard::new(dimension, engine));
         shards.insert(id.to_owned(), Arc::clone(&shard));
         Ok(shard)
@@ -499,15 +536,20 @@ impl Shard {
 
     /// Runs qdrant-edge's optimizers (segment merging, HNSW indexing, vacuum) until idle.
     ///
-    /// Blocks writers to this collection meanwhile (searches go on), and delaying its deletion.
+    /// Blocks writers to this collection meanwhile (searches go on) and delays its deletion.
     fn optimize(&self, id: &str) -> Result<bool> {
         self.read(id, |engine| {
             let _writer = lock(&self.writer);
             self.writes_since_optimize.store(0, Ordering::Relaxed);
-            let optimized = engine.optimize().map_err(|err| engine_error("optimize", id, err))?;
+            let optimized = engine
+                .optimize()
+                .map_err(|err| engine_error("optimize", id, err))?;
             if optimized {
+                // The optimizer's fresh appendable segment has no payload indexes.
+                create_payload_indexes(engine, id)?;
                 engine.flush();
-                tracing::info!(collection = %id, segments = engine.info().segments_count, "optimized collection");
+                let segments = engine.info().segments_count;
+                tracing::info!(collection = %id, segments, "optimized collection");
             }
             Ok(optimized)
         })
@@ -515,16 +557,42 @@ impl Shard {
 }
 
 fn to_edge_point(point: IndexPoint) -> Result<qdrant_edge::PointStructPersisted> {
-    let payload = serde_json::to_value(&point.payload).map_err(|err| {
+    let mut payload = serde_json::to_value(&point.payload).map_err(|err| {
         Error::Internal(format!("serializing payload of point {}: {err}", point.id))
     })?;
+    let pairs = point
+        .payload
+        .metadata
+        .iter()
+        .map(|(k, v)| metadata_pair(k, v).into())
+        .collect();
+    if let serde_json::Value::Object(map) = &mut payload {
+        map.insert(METADATA_PAIRS_FIELD.into(), serde_json::Value::Array(pairs));
+    }
     // `PointStruct::new` panics on a non-object payload; a struct always serializes to one.
-    Ok(PointStruct::new(
-        PointId::Uuid(point.id),
-        Vectors::new_named([(DENSE, point.vector)]),
-        payload,
-    )
-    .into())
+    let vectors = Vectors::new_named([(DENSE, point.vector)]);
+    Ok(PointStruct::new(PointId::Uuid(point.id), vectors, payload).into())
+}
+
+/// One metadata entry as a single keyword, unambiguous whatever the key and value contain.
+fn metadata_pair(key: &str, value: &str) -> String {
+    serde_json::json!([key, value]).to_string()
+}
+
+/// Indexes the filterable fields, so selective filters do not scan every payload on disk.
+///
+/// Idempotent: segments that already have an index skip it.
+fn create_payload_indexes(engine: &EdgeShard, id: &str) -> Result<()> {
+    for field in [DOCUMENT_ID_FIELD, METADATA_PAIRS_FIELD] {
+        let op = FieldIndexOperations::CreateIndex(CreateIndex {
+            field_name: json_path(field)?,
+            field_schema: Some(PayloadFieldSchema::FieldType(PayloadSchemaType::Keyword)),
+        });
+        engine
+            .update(UpdateOperation::FieldIndexOperation(op))
+            .map_err(|err| engine_error("index", id, err))?;
+    }
+    Ok(())
 }
 
 fn to_scored_chunk(point: ScoredPoint) -> Result<ScoredChunk> {
@@ -550,24 +618,17 @@ fn to_scored_chunk(point: ScoredPoint) -> Result<ScoredChunk> {
 fn to_edge_filter(filter: &SearchFilter) -> Result<Option<Filter>> {
     let mut must = Vec::new();
     for (key, value) in &filter.metadata {
-        // Quoted, so keys with dots, spaces or brackets address one nested field.
-        if key.contains(['"', '\\']) {
-            return Err(Error::invalid(
-                "filter",
-                format!("metadata key {key:?} must not contain '\"' or '\\'"),
-            ));
-        }
-        let path = json_path(&format!("metadata.\"{key}\""))?;
+        let pair = Match::from(metadata_pair(key, value));
         must.push(Condition::Field(FieldCondition::new_match(
-            path,
-            Match::from(value.clone()),
+            json_path(METADATA_PAIRS_FIELD)?,
+            pair,
         )));
     }
     if !filter.document_ids.is_empty() {
-        let path = json_path("document_id")?;
+        let any = Match::from(filter.document_ids.clone());
         must.push(Condition::Field(FieldCondition::new_match(
-            path,
-            Match::from(filter.document_ids.clone()),
+            json_path(DOCUMENT_ID_FIELD)?,
+            any,
         )));
     }
     Ok((!must.is_empty()).then(|| Filter {
@@ -580,7 +641,7 @@ fn to_edge_filter(filter: &SearchFilter) -> Result<Option<Filter>> {
 
 fn json_path(path: &str) -> Result<JsonPath> {
     path.parse()
-        .map_err(|()| Error::invalid("filter", format!("cannot filter on {path}")))
+        .map_err(|()| Error::Internal(format!("invalid payload path {path}")))
 }
 
 /// Collection ids become directory names, so only plain ASCII names are accepted.
@@ -615,7 +676,10 @@ fn read_registry(root: &Path) -> Result<BTreeMap<String, CollectionInfo>> {
                     collections.display()
                 )));
             }
-            return Ok(BTreeMap::new());
+            // Written before any collection exists, so a missing file always means damage.
+            let empty = BTreeMap::new();
+            write_registry(root, &empty)?;
+            return Ok(empty);
         }
         Err(err) => return Err(io_error("read", &path)(err)),
     };
@@ -664,7 +728,9 @@ fn remove_orphans(collections: &Path, registry: &BTreeMap<String, CollectionInfo
             .is_some_and(|name| registry.contains_key(name));
         if !known {
             let path = entry.path();
-            tracing::warn!(path = %path.display(), "removing collection directory missing from the registry");
+            tracing::warn!(
+                path = %path.display(), "removing collection directory missing from the registry"
+            );
             if path.is_dir() {
                 fs::remove_dir_all(&path).map_err(io_error("remove", &path))?;
             } else {
@@ -769,6 +835,11 @@ mod tests {
                     document_id: document_id.into(),
                     chunk_index: i,
                     text: format!("chunk {i}"),
+                    metadata: [(
+                        "parity".to_owned(),
+                        ["even", "odd"][i as usize % 2].to_owned(),
+                    )]
+                    .into(),
                     ..ChunkPayload::default()
                 },
             })
@@ -956,24 +1027,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn metadata_keys_with_quotes_are_rejected() {
-        let (index, _dir) = fresh_index().await;
-        let info = sample_info(4);
-        index.create_collection(info.clone()).await.unwrap();
-        let mut query = nearest(&[1.0, 0.0, 0.0, 0.0]);
-        query.filter.metadata.insert("a\"b".into(), "x".into());
-        assert!(matches!(
-            index.search(&info.id, query).await,
-            Err(Error::InvalidArgument {
-                field: "filter",
-                ..
-            })
-        ));
-    }
-
-    /// With a tiny indexing threshold, writes trigger HNSW building; results stay right and
-    /// survive a reopen.
-    #[tokio::test]
     async fn optimization_builds_an_index_and_keeps_results() {
         const DIM: usize = 16;
         let dir = tempfile::tempdir().unwrap();
@@ -998,6 +1051,19 @@ mod tests {
             shard.optimize(&info.id).unwrap();
             let engine_info = shard.read(&info.id, |e| Ok(e.info())).unwrap();
             assert!(engine_info.indexed_vectors_count > 0, "{engine_info:?}");
+            let indexed: Vec<String> = engine_info
+                .payload_schema
+                .keys()
+                .map(|k| k.to_string())
+                .collect();
+            assert!(
+                indexed.contains(&DOCUMENT_ID_FIELD.to_owned()),
+                "{indexed:?}"
+            );
+            assert!(
+                indexed.contains(&METADATA_PAIRS_FIELD.to_owned()),
+                "{indexed:?}"
+            );
 
             index
                 .delete_points(&info.id, vec![point_id("doc", 500)])
@@ -1023,129 +1089,23 @@ mod tests {
             .await
             .unwrap();
         assert!(hits.iter().all(|h| h.id != point_id("doc", 500)));
-    }
 
-    fn dir_size(path: &Path) -> u64 {
-        let mut total = 0;
-        for entry in fs::read_dir(path).unwrap() {
-            let entry = entry.unwrap();
-            let meta = entry.metadata().unwrap();
-            total += if meta.is_dir() {
-                dir_size(&entry.path())
-            } else {
-                meta.len()
-            };
-        }
-        total
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    #[ignore]
-    async fn zz_experiment_perf() {
-        use std::time::Instant;
-        const DIM: usize = 384;
-        let dir = tempfile::tempdir().unwrap();
-        let tuning = Tuning {
-            optimize_every_points: usize::MAX,
-            ..Tuning::default()
-        };
-        let index = EdgeIndex::open_tuned(dir.path(), tuning).unwrap();
-        let info = sample_info(DIM as u32);
-        let t = Instant::now();
-        index.create_collection(info.clone()).await.unwrap();
-        eprintln!("create: {:?}", t.elapsed());
-        let coll = dir.path().join(COLLECTIONS_DIR).join(&info.id);
-        eprintln!(
-            "empty collection size on disk: {} KiB (wal {} KiB)",
-            dir_size(&coll) / 1024,
-            dir_size(&coll.join("wal")) / 1024
-        );
-        let n = 20_000u32;
-        let t = Instant::now();
-        for start in (0..n).step_by(100) {
-            let mut pts = points("doc", start..start + 100, DIM);
-            for p in &mut pts {
-                p.payload.text = "x".repeat(1000);
-                p.payload.metadata.insert(
-                    "lang".into(),
-                    if p.payload.chunk_index % 2 == 0 {
-                        "en".into()
-                    } else {
-                        "de".into()
-                    },
-                );
-            }
-            index.upsert(&info.id, pts).await.unwrap();
-        }
-        eprintln!(
-            "upsert {n} in batches of 100: {:?} ({:?}/batch)",
-            t.elapsed(),
-            t.elapsed() / (n / 100)
-        );
-        let t = Instant::now();
+        // Filters still hold across the indexed and the appendable segment.
         index
-            .upsert(&info.id, points("single", 0..1, DIM))
+            .upsert(&info.id, points("late", 0..10, DIM))
             .await
             .unwrap();
-        eprintln!("single-point upsert: {:?}", t.elapsed());
-        eprintln!(
-            "size: total {} MiB, wal {} MiB, segments {} MiB",
-            dir_size(&coll) >> 20,
-            dir_size(&coll.join("wal")) >> 20,
-            dir_size(&coll.join("segments")) >> 20
+        let mut odd = nearest(&vector(777, DIM));
+        odd.filter.metadata.insert("parity".into(), "odd".into());
+        let hits = index.search(&info.id, odd.clone()).await.unwrap();
+        assert_eq!(hits[0].id, point_id("doc", 777));
+        assert!(hits.iter().all(|h| h.payload.metadata["parity"] == "odd"));
+        odd.filter.document_ids = vec!["late".into()];
+        let hits = index.search(&info.id, odd).await.unwrap();
+        assert_eq!(hits.len(), 3);
+        assert!(
+            hits.iter()
+                .all(|h| h.payload.document_id == "late" && h.payload.chunk_index % 2 == 1)
         );
-        let shard = index.inner.shard(&info.id).unwrap();
-        eprintln!(
-            "info before optimize: {:?}",
-            shard.read(&info.id, |e| Ok(e.info())).unwrap()
-        );
-        let bench = |label: &'static str| {
-            let index = index.clone();
-            let id = info.id.clone();
-            async move {
-                let t = Instant::now();
-                for q in 0..20u64 {
-                    let mut query = nearest(&vector(q * 7, DIM));
-                    query.top_k = 10;
-                    if label.contains("filtered") {
-                        query.filter.metadata.insert("lang".into(), "de".into());
-                    }
-                    if label.contains("docs") {
-                        query.filter.document_ids = vec!["single".into()];
-                    }
-                    let hits = index.search(&id, query).await.unwrap();
-                    assert!(!hits.is_empty());
-                }
-                eprintln!("{label}: {:?}/search", t.elapsed() / 20);
-            }
-        };
-        bench("brute force").await;
-        bench("brute force filtered").await;
-        bench("brute force docs").await;
-        let t = Instant::now();
-        let optimized = shard.optimize(&info.id).unwrap();
-        eprintln!("optimize: {optimized} in {:?}", t.elapsed());
-        eprintln!(
-            "info after optimize: {:?}",
-            shard.read(&info.id, |e| Ok(e.info())).unwrap()
-        );
-        bench("hnsw").await;
-        bench("hnsw filtered").await;
-        bench("hnsw docs").await;
-        let t = Instant::now();
-        index
-            .upsert(&info.id, points("late", 0..100, DIM))
-            .await
-            .unwrap();
-        eprintln!("upsert 100 after optimize: {:?}", t.elapsed());
-        eprintln!(
-            "size after optimize: total {} MiB, wal {} MiB",
-            dir_size(&coll) >> 20,
-            dir_size(&coll.join("wal")) >> 20
-        );
-        let t = Instant::now();
-        index.delete_collection(&info.id).await.unwrap();
-        eprintln!("delete: {:?}", t.elapsed());
-        drop(shard);
     }
 }

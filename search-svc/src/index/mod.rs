@@ -95,17 +95,25 @@ pub struct ScoredChunk {
 /// A vector store holding one collection per knowledge base.
 #[async_trait::async_trait]
 pub trait VectorIndex: Send + Sync + 'static {
-    /// Creates a collection; Ok if the identical collection exists, InvalidArgument if the id or (tenant, name) is taken otherwise.
+    /// Creates a collection; Ok if this exact collection already exists.
+    ///
+    /// InvalidArgument: `dimension` if 0; `knowledge_base` if the id exists with other settings
+    /// or the tenant already has another collection with this name.
     async fn create_collection(&self, info: CollectionInfo) -> Result<()>;
     /// Drops a collection and all its points, on disk too; Ok if it does not exist.
     async fn delete_collection(&self, id: &str) -> Result<()>;
     /// Looks up a collection by tenant and knowledge-base name.
     async fn resolve(&self, tenant: &str, name: &str) -> Result<Option<CollectionInfo>>;
-    /// Inserts or replaces points, returning how many were written; NotFound for an unknown collection, InvalidArgument (`points`) for a wrong vector length.
+    /// Inserts or replaces points and returns how many were written, once they are durable.
+    ///
+    /// NotFound for an unknown collection; InvalidArgument (`points`) if any vector has the wrong
+    /// length, in which case nothing is written.
     async fn upsert(&self, collection_id: &str, points: Vec<IndexPoint>) -> Result<usize>;
     /// Deletes points by id, ignoring missing ones; NotFound for an unknown collection.
     async fn delete_points(&self, collection_id: &str, ids: Vec<Uuid>) -> Result<()>;
-    /// Returns the top-k chunks by cosine similarity that pass the filter; NotFound for an unknown collection.
+    /// Returns the top-k chunks passing the filter, by cosine similarity, best first.
+    ///
+    /// NotFound for an unknown collection; InvalidArgument for a query vector of the wrong length.
     async fn search(&self, collection_id: &str, query: DenseQuery) -> Result<Vec<ScoredChunk>>;
     /// Counts the points in a collection; NotFound for an unknown collection.
     async fn count(&self, collection_id: &str) -> Result<u64>;

@@ -12,21 +12,23 @@ use smartdb_proto::v1 as pb;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// Path of the `smartdb` binary, built (once per test process) with the same profile as the tests.
+/// Path of the `smartdb` binary: `SMARTDB_BIN`, else the one built next to this test binary
+/// (`./scripts/test` builds the workspace before testing, with the same features and profile).
 pub fn smartdb_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        escargot::CargoBuild::new()
-            .manifest_path(manifest)
-            .package("smartdb-cli")
-            .bin("smartdb")
-            .current_release()
-            .current_target()
-            .run()
-            .expect("build the smartdb binary")
-            .path()
-            .to_owned()
+        if let Some(bin) = std::env::var_os("SMARTDB_BIN") {
+            return PathBuf::from(bin);
+        }
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test> → target/<profile>/smartdb
+        let bin = exe.parent().and_then(Path::parent).expect("target dir").join("smartdb");
+        assert!(
+            bin.exists(),
+            "{} is missing: build it first (`cargo build --workspace --all-targets`, as ./scripts/test does)",
+            bin.display()
+        );
+        bin
     })
     .clone()
 }
