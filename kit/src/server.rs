@@ -160,6 +160,8 @@ impl ServiceServer {
         let mut reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(smartdb_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc error details, so grpcurl can decode BadRequest and RetryInfo.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1.ServerReflection");
         for service in &self.services {
@@ -168,6 +170,8 @@ impl ServiceServer {
         let mut reflection_alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(smartdb_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc error details, so grpcurl can decode BadRequest and RetryInfo.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection");
         for service in &self.services {

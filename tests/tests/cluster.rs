@@ -308,6 +308,30 @@ async fn cluster_end_to_end() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("query"), "{}", err.message());
 
+    // grpcurl users see the offending field in the decoded google.rpc.BadRequest details.
+    let out = std::process::Command::new("grpcurl")
+        .args([
+            "-plaintext",
+            "-d",
+            r#"{"knowledge_base": "e2e", "query": ""}"#,
+            &cluster.gateway,
+            "smartdb.v1.SearchService/Search",
+        ])
+        .output()
+        .expect("run grpcurl");
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success());
+    assert!(
+        shown.contains("InvalidArgument")
+            && shown.contains("fieldViolations")
+            && shown.contains("\"field\": \"query\""),
+        "{shown}"
+    );
+
     let err = upload(&cluster, "e2e", "empty.txt", b"").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("empty"), "{}", err.message());
