@@ -16,9 +16,9 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Below this many tokens per call, everything runs on the calling thread: handing tiny pieces of
-/// work to other threads costs more than it saves (much more on a loaded machine), and that
-/// decides the latency of single queries.
+/// Below this many tokens per call, the cheap steps (attention, norms, gelu) stay on the calling
+/// thread: handing tiny pieces of work to other threads costs more than it saves, especially on
+/// a loaded machine, and that decides the latency of single queries.
 const PARALLEL_MIN_TOKENS: usize = 128;
 
 /// A BERT encoder's weights, laid out for `x · W` products on row-major activations.
@@ -205,17 +205,17 @@ impl Bert {
         let mut up = vec![0f32; total * self.intermediate];
         let gelu_all = |chunk: &mut [f32]| chunk.iter_mut().for_each(|v| *v = gelu(*v));
         for layer in &self.layers {
-            layer.qkv.forward(&x, &mut qkv, total, par);
+            layer.qkv.forward(&x, &mut qkv, total);
             self.attention(&qkv, &offsets, &mut context, par);
-            layer.attn_out.forward(&context, &mut projected, total, par);
+            layer.attn_out.forward(&context, &mut projected, total);
             layer_norm_rows(&mut x, Some(&projected), &layer.attn_norm, self.eps, par);
-            layer.up.forward(&x, &mut up, total, par);
+            layer.up.forward(&x, &mut up, total);
             if par {
                 up.par_chunks_mut(4096).for_each(gelu_all);
             } else {
                 gelu_all(&mut up);
             }
-            layer.down.forward(&up, &mut projected, total, par);
+            layer.down.forward(&up, &mut projected, total);
             layer_norm_rows(&mut x, Some(&projected), &layer.out_norm, self.eps, par);
         }
 
@@ -315,16 +315,11 @@ impl Bert {
 
 impl Linear {
     /// `out[rows, outputs] = x[rows, inputs] · W + b`.
-    fn forward(&self, x: &[f32], out: &mut [f32], rows: usize, par: bool) {
+    fn forward(&self, x: &[f32], out: &mut [f32], rows: usize) {
         let out = &mut out[..rows * self.outputs];
         // Start from the bias and let gemm accumulate: saves a pass over the output.
         out.chunks_mut(self.outputs)
             .for_each(|row| row.copy_from_slice(&self.bias));
-        let parallelism = if par {
-            Parallelism::Rayon(rayon::current_num_threads())
-        } else {
-            Parallelism::None
-        };
         matmul(
             Out {
                 data: out,
@@ -343,7 +338,8 @@ impl Linear {
             },
             true,
             1.0,
-            parallelism,
+            // gemm itself stays on one thread when the product is too small to split.
+            Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
 }
