@@ -68,13 +68,19 @@ struct ServiceEntry {
     restarts: u32,
 }
 
+/// The address for a service: `port`, checked to be free now (so a second `smartdb up` fails
+/// at once instead of restarting children that cannot bind), or a free port if `port` is 0.
 fn pick(host: std::net::IpAddr, port: u16) -> anyhow::Result<SocketAddr> {
     let port = if port == 0 {
         smartdb_kit::server::free_port()?
     } else {
         port
     };
-    Ok(SocketAddr::new(host, port))
+    let addr = SocketAddr::new(host, port);
+    std::net::TcpListener::bind(addr).with_context(|| {
+        format!("cannot listen on {addr}: is another smartdb (or another program) using it?")
+    })?;
+    Ok(addr)
 }
 
 fn http_addr(
@@ -86,12 +92,12 @@ fn http_addr(
     if requested == 0 {
         pick(host, 0)
     } else {
-        Ok(SocketAddr::new(
+        pick(
             host,
             grpc_port
                 .checked_add(offset)
                 .context("HTTP port out of range")?,
-        ))
+        )
     }
 }
 
@@ -108,6 +114,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(smartdb_embed::model::default_models_dir);
 
+    let h = args.host;
+    let off = args.http_port_offset;
+    let embed = pick(h, args.embed_port)?;
+    let search = pick(h, args.search_port)?;
+    let ingest = pick(h, args.ingest_port)?;
+    let gateway = pick(h, args.gateway_port)?;
     // Obtain the model before anything starts, so the wait is visible and happens once.
     eprintln!(
         "smartdb: checking the embedding model in {} ...",
@@ -122,12 +134,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .context("cannot obtain the embedding model")?;
     }
 
-    let h = args.host;
-    let off = args.http_port_offset;
-    let embed = pick(h, args.embed_port)?;
-    let search = pick(h, args.search_port)?;
-    let ingest = pick(h, args.ingest_port)?;
-    let gateway = pick(h, args.gateway_port)?;
     let data = |sub: &str| data_dir.join(sub).display().to_string();
     let specs = vec![
         Spec {
