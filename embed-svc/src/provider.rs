@@ -120,3 +120,59 @@ impl Provider for LocalProvider {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MINILM_L6_V2, default_models_dir, ensure_model};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_is_refused_with_resource_exhausted_not_queued() {
+        let dir =
+            tokio::task::spawn_blocking(|| ensure_model(&default_models_dir(), &MINILM_L6_V2))
+                .await
+                .unwrap()
+                .unwrap();
+        let model = tokio::task::spawn_blocking(move || LocalModel::load(&dir, &MINILM_L6_V2))
+            .await
+            .unwrap()
+            .unwrap();
+        let provider = Arc::new(LocalProvider::new(model, 2));
+        let text =
+            "Backpressure keeps memory bounded when callers send more than the model can take. "
+                .repeat(8);
+        let calls: Vec<_> = (0..12)
+            .map(|_| {
+                let provider = provider.clone();
+                let texts = vec![text.clone(); 16];
+                tokio::spawn(async move { provider.embed(texts).await })
+            })
+            .collect();
+        let (mut ok, mut refused) = (0, 0);
+        for call in calls {
+            match call.await.unwrap() {
+                Ok(vectors) => {
+                    assert_eq!(vectors.len(), 16);
+                    ok += 1;
+                }
+                Err(Error::ResourceExhausted { retry_after, .. }) => {
+                    assert!(retry_after > Duration::ZERO);
+                    refused += 1;
+                }
+                Err(other) => panic!("unexpected error {other}"),
+            }
+        }
+        // At most `queue_depth` calls wait; the rest are told to back off at once.
+        assert!(ok >= 1 && ok <= 3, "{ok} calls ran");
+        assert!(refused >= 9, "{refused} calls refused");
+        // Once the flood is over, the provider serves again.
+        assert_eq!(
+            provider
+                .embed(vec!["after the flood".into()])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+}
