@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::model::{Embedded, LocalModel};
@@ -47,20 +49,52 @@ pub trait Provider: Send + Sync + 'static {
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedded>>;
 }
 
-/// The in-process model. Inference runs on the blocking pool; a bounded queue in front of it
-/// answers RESOURCE_EXHAUSTED instead of growing without limit.
+/// Limits of one coalesced batch for the local model.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most texts in one batch (a single larger call still runs, alone).
+    pub max_texts: usize,
+    /// Most (estimated) tokens in one batch.
+    pub max_tokens: usize,
+    /// How long a small batch waits for more calls to join it.
+    pub window: Duration,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self {
+            max_texts: 64,
+            max_tokens: 64 * 256,
+            window: Duration::from_millis(1),
+        }
+    }
+}
+
+/// One call waiting for the model.
+struct Job {
+    texts: Vec<String>,
+    reply: oneshot::Sender<Result<Vec<Embedded>>>,
+}
+
+/// The in-process model behind a dynamic batcher: concurrent calls are coalesced into batches
+/// bounded by texts and tokens, one batch runs at a time (it already uses every core), and the
+/// queue in front is bounded, so a flood gets RESOURCE_EXHAUSTED at once instead of growing
+/// memory without limit.
 pub struct LocalProvider {
-    model: Arc<LocalModel>,
     descriptor: ModelDescriptor,
-    /// One inference at a time: the model already uses every core for one batch.
-    running: Arc<Semaphore>,
-    /// Calls allowed to wait for the model; beyond that, callers are told to back off.
-    queue: Arc<Semaphore>,
+    tokenizer_json: String,
+    queue: mpsc::Sender<Job>,
+    batches: Arc<AtomicU64>,
 }
 
 impl LocalProvider {
     /// Wraps a loaded model, with room for `queue_depth` waiting calls.
     pub fn new(model: LocalModel, queue_depth: usize) -> Self {
+        Self::with_limits(model, queue_depth, BatchLimits::default())
+    }
+
+    /// Like [`LocalProvider::new`] with explicit batch limits.
+    pub fn with_limits(model: LocalModel, queue_depth: usize, limits: BatchLimits) -> Self {
         let descriptor = ModelDescriptor {
             id: model.id().to_owned(),
             dimension: model.dimension(),
@@ -69,11 +103,110 @@ impl LocalProvider {
             query_prefix: String::new(),
             document_prefix: String::new(),
         };
+        let tokenizer_json = model.tokenizer_json();
+        let (queue, jobs) = mpsc::channel(queue_depth.max(1));
+        let batches = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run_batches(Arc::new(model), jobs, limits, batches.clone()));
         Self {
-            model: Arc::new(model),
             descriptor,
-            running: Arc::new(Semaphore::new(1)),
-            queue: Arc::new(Semaphore::new(queue_depth.max(1))),
+            tokenizer_json,
+            queue,
+            batches,
+        }
+    }
+
+    /// Batches run so far (tests use it to see coalescing).
+    pub fn batches_run(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+}
+
+/// Rough token count for batching decisions (about 4 bytes per token, capped by the model limit).
+fn estimate_tokens(texts: &[String], max_tokens: usize) -> usize {
+    texts
+        .iter()
+        .map(|t| (t.len() / 4 + 2).min(max_tokens))
+        .sum()
+}
+
+/// The batcher: takes the next call, lets others join while they fit, runs them as one batch
+/// and hands each caller its slice of the result.
+async fn run_batches(
+    model: Arc<LocalModel>,
+    mut jobs: mpsc::Receiver<Job>,
+    limits: BatchLimits,
+    batches: Arc<AtomicU64>,
+) {
+    let per_text = model.max_tokens();
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut texts = first.texts.len();
+        let mut tokens = estimate_tokens(&first.texts, per_text);
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + limits.window;
+        while texts < limits.max_texts && tokens < limits.max_tokens {
+            // What is already queued joins at once; the window only applies to new arrivals.
+            let next = match jobs.try_recv() {
+                Ok(job) => Some(job),
+                Err(_) => tokio::time::timeout_at(deadline, jobs.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+            let Some(job) = next else { break };
+            let job_tokens = estimate_tokens(&job.texts, per_text);
+            if texts + job.texts.len() > limits.max_texts || tokens + job_tokens > limits.max_tokens
+            {
+                carried = Some(job);
+                break;
+            }
+            texts += job.texts.len();
+            tokens += job_tokens;
+            batch.push(job);
+        }
+        let sizes: Vec<usize> = batch.iter().map(|j| j.texts.len()).collect();
+        let (inputs, replies): (Vec<Vec<String>>, Vec<_>) =
+            batch.into_iter().map(|j| (j.texts, j.reply)).unzip();
+        let inputs: Vec<String> = inputs.into_iter().flatten().collect();
+        let model = model.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+            model.embed(&refs)
+        })
+        .await;
+        batches.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("embed_inference_duration_seconds", "provider" => "local")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("embed_batch_texts", "provider" => "local").record(texts as f64);
+        metrics::counter!("embed_model_inputs_total", "provider" => "local")
+            .increment(texts as u64);
+        match result {
+            Ok(Ok(vectors)) => {
+                let mut vectors = vectors.into_iter();
+                for (reply, size) in replies.into_iter().zip(sizes) {
+                    let _ = reply.send(Ok(vectors.by_ref().take(size).collect()));
+                }
+            }
+            Ok(Err(err)) => {
+                for reply in replies {
+                    let _ = reply.send(Err(Error::Internal(format!("inference failed: {err:#}"))));
+                }
+            }
+            Err(err) => {
+                for reply in replies {
+                    let _ = reply.send(Err(Error::Internal(format!(
+                        "inference task failed: {err}"
+                    ))));
+                }
+            }
         }
     }
 }
@@ -85,39 +218,25 @@ impl Provider for LocalProvider {
     }
 
     fn tokenizer_json(&self) -> Option<String> {
-        Some(self.model.tokenizer_json())
+        Some(self.tokenizer_json.clone())
     }
 
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedded>> {
-        let _queued =
-            self.queue
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Error::ResourceExhausted {
-                    message: "embedding queue is full; retry shortly".to_owned(),
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .try_send(Job { texts, reply })
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => Error::ResourceExhausted {
+                    message: "the embedding queue is full; retry shortly".to_owned(),
                     retry_after: Duration::from_millis(200),
-                })?;
-        let _running = self
-            .running
-            .clone()
-            .acquire_owned()
+                },
+                mpsc::error::TrySendError::Closed(_) => {
+                    Error::Unavailable("the model is shutting down".to_owned())
+                }
+            })?;
+        answer
             .await
-            .map_err(|_| Error::Unavailable("shutting down".into()))?;
-        let model = self.model.clone();
-        let started = std::time::Instant::now();
-        let count = texts.len();
-        let out = tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            model.embed(&refs)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("inference task failed: {e}")))?
-        .map_err(|e| Error::Internal(format!("inference failed: {e:#}")))?;
-        metrics::histogram!("embed_inference_duration_seconds", "provider" => "local")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("embed_model_inputs_total", "provider" => "local")
-            .increment(count as u64);
-        Ok(out)
+            .map_err(|_| Error::Unavailable("the model is shutting down".to_owned()))?
     }
 }
 
@@ -125,6 +244,68 @@ impl Provider for LocalProvider {
 mod tests {
     use super::*;
     use crate::model::{MINILM_L6_V2, default_models_dir, ensure_model};
+
+    async fn load() -> LocalModel {
+        let dir =
+            tokio::task::spawn_blocking(|| ensure_model(&default_models_dir(), &MINILM_L6_V2))
+                .await
+                .unwrap()
+                .unwrap();
+        tokio::task::spawn_blocking(move || LocalModel::load(&dir, &MINILM_L6_V2))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_calls_are_coalesced_and_answered_in_order() {
+        let model = load().await;
+        let expected: Vec<Vec<f32>> = {
+            let texts: Vec<String> = (0..8)
+                .map(|i| format!("sentence number {i} about batching"))
+                .collect();
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            model
+                .embed(&refs)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.values)
+                .collect()
+        };
+        let limits = BatchLimits {
+            window: Duration::from_millis(50),
+            ..BatchLimits::default()
+        };
+        let provider = Arc::new(LocalProvider::with_limits(model, 16, limits));
+        let calls: Vec<_> = (0..8)
+            .map(|i| {
+                let provider = provider.clone();
+                tokio::spawn(async move {
+                    provider
+                        .embed(vec![format!("sentence number {i} about batching")])
+                        .await
+                })
+            })
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            let got = call.await.unwrap().unwrap();
+            let cosine: f32 = got[0]
+                .values
+                .iter()
+                .zip(&expected[i])
+                .map(|(a, b)| a * b)
+                .sum();
+            assert!(
+                cosine > 0.9999,
+                "call {i} got another call's vector (cosine {cosine})"
+            );
+        }
+        assert!(
+            provider.batches_run() < 8,
+            "{} batches for 8 concurrent calls",
+            provider.batches_run()
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flood_is_refused_with_resource_exhausted_not_queued() {
@@ -162,9 +343,11 @@ mod tests {
                 Err(other) => panic!("unexpected error {other}"),
             }
         }
-        // At most `queue_depth` calls wait; the rest are told to back off at once.
-        assert!(ok >= 1 && ok <= 3, "{ok} calls ran");
-        assert!(refused >= 9, "{refused} calls refused");
+        // Only the running batch (at most 64 texts: 4 calls) and `queue_depth` waiting calls are
+        // accepted; the rest are told to back off at once.
+        assert!((1..=6).contains(&ok), "{ok} calls ran");
+        assert_eq!(ok + refused, 12);
+        assert!(refused >= 6, "{refused} calls refused");
         // Once the flood is over, the provider serves again.
         assert_eq!(
             provider
