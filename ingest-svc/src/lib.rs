@@ -51,12 +51,7 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let data_dir = config
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| smartdb_kit::config::default_data_dir().join("ingest"));
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| anyhow::anyhow!("create {}: {e}", data_dir.display()))?;
+    let data_dir = smartdb_kit::config::service_data_dir(config.data_dir.as_ref(), "ingest")?;
     let store = store::Store::open(&data_dir.join("catalog.db"))?;
     let blobs = blobs::BlobStore::open(&data_dir.join("originals"))?;
     let options = ChannelOptions::default();

@@ -50,6 +50,17 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
+/// A service's data directory: `explicit` if given, else `<default data dir>/<service>`;
+/// created if missing.
+pub fn service_data_dir(explicit: Option<&PathBuf>, service: &str) -> anyhow::Result<PathBuf> {
+    let dir = explicit
+        .cloned()
+        .unwrap_or_else(|| default_data_dir().join(service));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
 /// Parses durations like `250ms`, `5s`, `2m`, `1h` (a bare number means seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

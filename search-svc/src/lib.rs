@@ -45,12 +45,7 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let data_dir = config
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| smartdb_kit::config::default_data_dir().join("search"));
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| anyhow::anyhow!("create {}: {e}", data_dir.display()))?;
+    let data_dir = smartdb_kit::config::service_data_dir(config.data_dir.as_ref(), "search")?;
     let index: Arc<dyn index::VectorIndex> = {
         let dir = data_dir.clone();
         Arc::new(tokio::task::spawn_blocking(move || index::edge::EdgeIndex::open(&dir)).await??)
