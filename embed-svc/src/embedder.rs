@@ -87,7 +87,7 @@ impl Embedder {
             .iter()
             .map(|t| cache::key(&descriptor.id, kind, t))
             .collect();
-        let mut found = self.cache.get_many(&keys);
+        let mut found = self.cache.get_many(&keys).await;
         let missing: Vec<usize> = (0..texts.len()).filter(|&i| found[i].is_none()).collect();
         let cache_hits = texts.len() - missing.len();
         if !missing.is_empty() {
@@ -121,9 +121,15 @@ impl Embedder {
                     truncated: e.truncated,
                 })
                 .collect();
-            for (&i, vector) in unique.iter().zip(&computed) {
-                self.cache.insert(keys[i], vector.clone());
-            }
+            self.cache
+                .insert_many(
+                    unique
+                        .iter()
+                        .zip(&computed)
+                        .map(|(&i, vector)| (keys[i], vector.clone()))
+                        .collect(),
+                )
+                .await;
             for (&i, &slot) in missing.iter().zip(&slots) {
                 found[i] = Some(computed[slot].clone());
             }

@@ -5,7 +5,9 @@ pub mod cache;
 pub mod embedder;
 pub mod error;
 pub mod grpc;
+pub mod http_api;
 pub mod model;
+pub mod openai;
 pub mod provider;
 
 use std::path::PathBuf;
@@ -34,6 +36,31 @@ pub struct Config {
     /// Embed calls allowed to wait for the local model before callers get RESOURCE_EXHAUSTED.
     #[arg(long, env = "SMARTDB_EMBED_QUEUE", default_value_t = 64)]
     pub queue_depth: usize,
+    /// Most texts the local model embeds in one coalesced batch.
+    #[arg(long, env = "SMARTDB_EMBED_BATCH_TEXTS", default_value_t = 64)]
+    pub batch_texts: usize,
+    /// How long a small batch waits for concurrent calls to join it.
+    #[arg(long, env = "SMARTDB_EMBED_BATCH_WINDOW", default_value = "1ms", value_parser = smartdb_kit::config::parse_duration)]
+    pub batch_window: std::time::Duration,
+    /// Redis URL of the shared second-level embedding cache (unset: memory only).
+    #[arg(long, env = "SMARTDB_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// How long embeddings stay in the Redis cache.
+    #[arg(long, env = "SMARTDB_EMBED_REDIS_TTL", default_value = "24h", value_parser = smartdb_kit::config::parse_duration)]
+    pub redis_ttl: std::time::Duration,
+}
+
+impl Config {
+    /// The defaults (as with no flags) listening on `listen`: for benches and in-process tests.
+    pub fn with_defaults(listen: std::net::SocketAddr) -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: Config,
+        }
+        <Defaults as clap::Parser>::parse_from(["embed-svc", "--listen", &listen.to_string()])
+            .config
+    }
 }
 
 /// Runs embed-svc until `shutdown` resolves.
@@ -48,6 +75,8 @@ pub async fn serve(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
+    // OpenAI-compatible `POST /v1/embeddings` next to /metrics, for tools that speak that API.
+    server.http_routes(http_api::router(cell.clone()));
     let health = server.health();
 
     let models_dir = config
@@ -55,7 +84,25 @@ pub async fn serve(
         .clone()
         .unwrap_or_else(model::default_models_dir);
     let cache_bytes = config.cache_mb * 1024 * 1024;
+    // Built before the model loads so a bad URL fails start-up; Redis itself may come up later.
+    let embedding_cache = match &config.redis_url {
+        Some(url) => {
+            let settings = cache::RedisSettings {
+                ttl: config.redis_ttl,
+                ..cache::RedisSettings::new(url.clone())
+            };
+            let built = cache::EmbeddingCache::with_redis(cache_bytes, &settings)?;
+            tracing::info!(ttl = ?config.redis_ttl, "Redis embedding cache enabled");
+            built
+        }
+        None => cache::EmbeddingCache::new(cache_bytes),
+    };
     let queue_depth = config.queue_depth;
+    let limits = provider::BatchLimits {
+        max_texts: config.batch_texts.max(1),
+        max_tokens: config.batch_texts.max(1) * model::MINILM_L6_V2.max_tokens,
+        window: config.batch_window,
+    };
     // Load in the background so probes and reflection answer while the model arrives; a
     // failed download is retried, since the network may come back.
     tokio::spawn(async move {
@@ -78,9 +125,12 @@ pub async fn serve(
                         dimension = local.dimension(),
                         "model loaded"
                     );
-                    let provider = Arc::new(provider::LocalProvider::new(local, queue_depth));
-                    let embedder =
-                        embedder::Embedder::new(provider, cache::EmbeddingCache::new(cache_bytes));
+                    let provider = Arc::new(provider::LocalProvider::with_limits(
+                        local,
+                        queue_depth,
+                        limits,
+                    ));
+                    let embedder = embedder::Embedder::new(provider, embedding_cache.clone());
                     let _ = cell.set(Arc::new(embedder));
                     health.set_serving().await;
                     return;
