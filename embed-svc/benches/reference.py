@@ -43,9 +43,24 @@ from transformers import AutoModel, AutoTokenizer  # noqa: E402
 tok = AutoTokenizer.from_pretrained(model_dir)
 onnx_path = os.path.join(tempfile.mkdtemp(), "model.onnx")
 hf = AutoModel.from_pretrained(model_dir).eval()
+
+
+class LastHidden(torch.nn.Module):
+    """Keyword arguments only: positional ones no longer line up with BertModel.forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+
+
 dummy = tok(["hello world"], return_tensors="pt")
 torch.onnx.export(
-    hf,
+    LastHidden(hf),
     (dummy["input_ids"], dummy["attention_mask"], dummy["token_type_ids"]),
     onnx_path,
     input_names=["input_ids", "attention_mask", "token_type_ids"],

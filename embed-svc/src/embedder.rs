@@ -47,6 +47,17 @@ impl Embedder {
         }
     }
 
+    /// Registers another model (not the default), e.g. an OpenAI-compatible endpoint.
+    /// A model id already taken keeps its provider: a remote model must not shadow the local one.
+    pub fn add(&mut self, provider: Arc<dyn Provider>) {
+        let id = provider.descriptor().id.clone();
+        if self.providers.contains_key(&id) {
+            tracing::warn!(model = %id, "a model with this id is already served; not adding another");
+            return;
+        }
+        self.providers.insert(id, provider);
+    }
+
     /// Finds the provider of `model` (empty = default).
     pub fn provider(&self, model: &str) -> Result<&Arc<dyn Provider>> {
         let id = if model.is_empty() {

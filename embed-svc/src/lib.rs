@@ -13,6 +13,7 @@ pub mod provider;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use provider::Provider;
 use smartdb_kit::config::ServerArgs;
 use smartdb_kit::server::{MAX_MESSAGE_BYTES, ServiceServer};
 use smartdb_proto::v1::embed_service_server::EmbedServiceServer;
@@ -42,6 +43,26 @@ pub struct Config {
     /// How long a small batch waits for concurrent calls to join it.
     #[arg(long, env = "SMARTDB_EMBED_BATCH_WINDOW", default_value = "1ms", value_parser = smartdb_kit::config::parse_duration)]
     pub batch_window: std::time::Duration,
+    /// Base URL of an OpenAI-compatible embeddings API (e.g. `https://api.openai.com/v1`, or a
+    /// vLLM/TEI/Ollama server); when set, its model is offered next to the local one.
+    #[arg(long, env = "SMARTDB_OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+    /// Model name at that endpoint; also the model id knowledge bases use to pick it.
+    #[arg(
+        long,
+        env = "SMARTDB_OPENAI_MODEL",
+        default_value = "text-embedding-3-small"
+    )]
+    pub openai_model: String,
+    /// API key for that endpoint.
+    #[arg(long, env = "SMARTDB_OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+    /// Vector length to request from it (unset: the model's own, found with one probe call).
+    #[arg(long, env = "SMARTDB_OPENAI_DIMENSIONS")]
+    pub openai_dimensions: Option<u32>,
+    /// Requests in flight at once to that endpoint.
+    #[arg(long, env = "SMARTDB_OPENAI_CONCURRENCY", default_value_t = 4)]
+    pub openai_concurrency: usize,
     /// Redis URL of the shared second-level embedding cache (unset: memory only).
     #[arg(long, env = "SMARTDB_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -97,6 +118,17 @@ pub async fn serve(
         }
         None => cache::EmbeddingCache::new(cache_bytes),
     };
+    let openai = match &config.openai_base_url {
+        Some(base_url) => {
+            let mut settings =
+                openai::OpenAiConfig::new(base_url.clone(), config.openai_model.clone());
+            settings.api_key = config.openai_api_key.clone();
+            settings.dimensions = config.openai_dimensions;
+            settings.max_concurrency = config.openai_concurrency.max(1);
+            Some(Arc::new(openai::OpenAiProvider::new(settings)?))
+        }
+        None => None,
+    };
     let queue_depth = config.queue_depth;
     let limits = provider::BatchLimits {
         max_texts: config.batch_texts.max(1),
@@ -130,7 +162,19 @@ pub async fn serve(
                         queue_depth,
                         limits,
                     ));
-                    let embedder = embedder::Embedder::new(provider, embedding_cache.clone());
+                    let mut embedder = embedder::Embedder::new(provider, embedding_cache.clone());
+                    if let Some(remote) = &openai {
+                        // Learn the vector length now, so knowledge bases can be created with it.
+                        match remote.probe().await {
+                            Ok(dimension) => {
+                                tracing::info!(model = %remote.descriptor().id, dimension, "OpenAI-compatible model ready")
+                            }
+                            Err(err) => {
+                                tracing::warn!(error = %err, "OpenAI-compatible endpoint did not answer the probe; its dimension is unknown until it does")
+                            }
+                        }
+                        embedder.add(remote.clone());
+                    }
                     let _ = cell.set(Arc::new(embedder));
                     health.set_serving().await;
                     return;

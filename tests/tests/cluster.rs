@@ -429,6 +429,30 @@ async fn cluster_end_to_end() {
     assert!(cli(&["status"]).contains("SERVING"));
     cli(&["kb", "delete", "cli-kb"]);
 
+    // embed-svc's OpenAI-compatible endpoint answers tools that speak that API.
+    let embed_http = cluster.service("embed-svc").http;
+    let (status, body) = common::http_post_json(
+        &embed_http,
+        "/v1/embeddings",
+        r#"{"input": ["hello", "world"], "model": "all-MiniLM-L6-v2"}"#,
+    )
+    .await;
+    assert!(status.contains("200"), "{status} {body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["data"].as_array().unwrap().len(), 2);
+    assert_eq!(json["data"][1]["index"], 1);
+    assert_eq!(json["data"][0]["embedding"].as_array().unwrap().len(), 384);
+    let (status, body) = common::http_post_json(
+        &embed_http,
+        "/v1/embeddings",
+        r#"{"input": "x", "model": "nope"}"#,
+    )
+    .await;
+    assert!(
+        status.contains("400") && body.contains("\"param\":\"model\""),
+        "{status} {body}"
+    );
+
     // Deleting the knowledge base removes everything.
     let removed = kbs
         .delete_knowledge_base(pb::DeleteKnowledgeBaseRequest { name: "e2e".into() })
