@@ -49,6 +49,31 @@ fn model_inputs_total() -> f64 {
         .sum()
 }
 
+type Client = pb::embed_service_client::EmbedServiceClient<tonic::transport::Channel>;
+
+/// Starts embed-svc in-process with `config`; returns a connected client and a stop handle.
+async fn start_embed(
+    config: smartdb_embed::Config,
+) -> anyhow::Result<(
+    Client,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let listen = config.server.listen;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(smartdb_embed::serve(config, async move {
+        let _ = stopped.await;
+    }));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?;
+    let client = loop {
+        if let Ok(channel) = endpoint.connect().await {
+            break Client::new(channel);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    Ok((client, stop, server))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let n: usize = std::env::var("SMARTDB_BENCH_N")
@@ -87,17 +112,7 @@ async fn main() -> anyhow::Result<()> {
         cache_mb: 0,
         ..smartdb_embed::Config::with_defaults(listen)
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(smartdb_embed::serve(config, async move {
-        let _ = stopped.await;
-    }));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?;
-    let mut client = loop {
-        if let Ok(c) = channel.connect().await {
-            break pb::embed_service_client::EmbedServiceClient::new(c);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (mut client, stop, server) = start_embed(config).await?;
     let query = "How do I configure the build to use link time optimization?";
     let request = || pb::EmbedRequest {
         texts: vec![query.into()],
@@ -124,41 +139,30 @@ async fn main() -> anyhow::Result<()> {
         models_dir: Some(models.clone()),
         ..smartdb_embed::Config::with_defaults(listen)
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(smartdb_embed::serve(config, async move {
-        let _ = stopped.await;
-    }));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?;
-    let mut client = loop {
-        if let Ok(c) = channel.connect().await {
-            break pb::embed_service_client::EmbedServiceClient::new(c);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let pass =
-        |client: &mut pb::embed_service_client::EmbedServiceClient<tonic::transport::Channel>| {
-            let mut client = client.clone();
-            let texts = texts.clone();
-            async move {
-                for batch in texts.chunks(32) {
-                    let req = pb::EmbedRequest {
-                        texts: batch.to_vec(),
-                        kind: pb::InputKind::Document as i32,
-                        model: String::new(),
-                    };
-                    loop {
-                        match client.embed(req.clone()).await {
-                            Ok(_) => break,
-                            Err(s) if s.code() == tonic::Code::Unavailable => {
-                                tokio::time::sleep(Duration::from_millis(100)).await
-                            }
-                            Err(s) => return Err(anyhow::anyhow!("embed: {s}")),
+    let (mut client, stop, server) = start_embed(config).await?;
+    let pass = |client: &mut Client| {
+        let mut client = client.clone();
+        let texts = texts.clone();
+        async move {
+            for batch in texts.chunks(32) {
+                let req = pb::EmbedRequest {
+                    texts: batch.to_vec(),
+                    kind: pb::InputKind::Document as i32,
+                    model: String::new(),
+                };
+                loop {
+                    match client.embed(req.clone()).await {
+                        Ok(_) => break,
+                        Err(s) if s.code() == tonic::Code::Unavailable => {
+                            tokio::time::sleep(Duration::from_millis(100)).await
                         }
+                        Err(s) => return Err(anyhow::anyhow!("embed: {s}")),
                     }
                 }
-                Ok(())
             }
-        };
+            Ok(())
+        }
+    };
     pass(&mut client).await?;
     let before = model_inputs_total();
     pass(&mut client).await?;
