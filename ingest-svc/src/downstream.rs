@@ -203,15 +203,9 @@ impl Downstream {
     }
 }
 
-/// Deterministic id of a document's chunk: retried jobs overwrite their points instead of
-/// duplicating them, and deletes can name every point exactly.
+/// Deterministic id of a document's chunk, as text (the scheme lives in `smartdb_kit::ids`).
 pub fn point_id(document_id: &str, chunk_index: u32) -> String {
-    const NAMESPACE: uuid::Uuid = uuid::uuid!("5b0c8f0e-3c1d-4f7a-9d2e-7a61c9b4e2f1");
-    uuid::Uuid::new_v5(
-        &NAMESPACE,
-        format!("{document_id}/{chunk_index}").as_bytes(),
-    )
-    .to_string()
+    smartdb_kit::ids::point_id(document_id, chunk_index).to_string()
 }
 
 #[cfg(test)]

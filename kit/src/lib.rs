@@ -5,6 +5,7 @@
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod ids;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;

@@ -120,15 +120,8 @@ pub trait VectorIndex: Send + Sync + 'static {
 }
 
 /// Namespace of [`point_id`]'s UUIDv5s; never change it, or re-ingested chunks would duplicate.
-const POINT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5d0c_1f3e_8a47_4b62_9c1d_2e7f_a4b3_6c58);
-
-/// Deterministic point id of a chunk, so a retried ingest overwrites instead of duplicating.
-pub fn point_id(document_id: &str, chunk_index: u32) -> Uuid {
-    Uuid::new_v5(
-        &POINT_ID_NAMESPACE,
-        format!("{document_id}/{chunk_index}").as_bytes(),
-    )
-}
+/// Deterministic point id of a chunk; defined once in kit, shared with ingest-svc.
+pub use smartdb_kit::ids::point_id;
 
 #[cfg(test)]
 mod tests {
