@@ -40,9 +40,14 @@ pub struct Config {
     /// Most texts the local model embeds in one coalesced batch.
     #[arg(long, env = "SMARTDB_EMBED_BATCH_TEXTS", default_value_t = 64)]
     pub batch_texts: usize,
-    /// How long a small batch waits for concurrent calls to join it.
-    #[arg(long, env = "SMARTDB_EMBED_BATCH_WINDOW", default_value = "1ms", value_parser = smartdb_kit::config::parse_duration)]
+    /// How long a small batch waits for concurrent calls to join it. With 0, a lone call runs at
+    /// once and calls that arrive while the model is busy form the next batch.
+    #[arg(long, env = "SMARTDB_EMBED_BATCH_WINDOW", default_value = "0ms", value_parser = smartdb_kit::config::parse_duration)]
     pub batch_window: std::time::Duration,
+    /// Arithmetic of the local model: `auto` uses bf16 products (f32 sums) on CPUs with
+    /// AVX-512 BF16, `f32` never rounds.
+    #[arg(long, env = "SMARTDB_EMBED_PRECISION", value_enum, default_value_t = model::Precision::Auto)]
+    pub precision: model::Precision,
     /// Base URL of an OpenAI-compatible embeddings API (e.g. `https://api.openai.com/v1`, or a
     /// vLLM/TEI/Ollama server); when set, its model is offered next to the local one.
     #[arg(long, env = "SMARTDB_OPENAI_BASE_URL")]
@@ -130,6 +135,7 @@ pub async fn serve(
         None => None,
     };
     let queue_depth = config.queue_depth;
+    let precision = config.precision;
     let limits = provider::BatchLimits {
         max_texts: config.batch_texts.max(1),
         max_tokens: config.batch_texts.max(1) * model::MINILM_L6_V2.max_tokens,
@@ -145,7 +151,7 @@ pub async fn serve(
                 tokio::task::spawn_blocking(move || -> anyhow::Result<model::LocalModel> {
                     let spec = &model::MINILM_L6_V2;
                     let dir = model::ensure_model(&dir, spec)?;
-                    model::LocalModel::load(&dir, spec)
+                    model::LocalModel::load_with(&dir, spec, precision)
                 })
                 .await
                 .map_err(anyhow::Error::from)

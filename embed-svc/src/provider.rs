@@ -56,7 +56,9 @@ pub struct BatchLimits {
     pub max_texts: usize,
     /// Most (estimated) tokens in one batch.
     pub max_tokens: usize,
-    /// How long a small batch waits for more calls to join it.
+    /// How long a small batch waits for more calls to join it. Zero (the default) runs at once:
+    /// calls that arrive while a batch runs still join the next one, so batches form under load
+    /// without adding latency to a lone query.
     pub window: Duration,
 }
 
@@ -65,7 +67,7 @@ impl Default for BatchLimits {
         Self {
             max_texts: 64,
             max_tokens: 64 * 256,
-            window: Duration::from_millis(1),
+            window: Duration::ZERO,
         }
     }
 }
@@ -155,6 +157,7 @@ async fn run_batches(
             // What is already queued joins at once; the window only applies to new arrivals.
             let next = match jobs.try_recv() {
                 Ok(job) => Some(job),
+                Err(_) if limits.window.is_zero() => None,
                 Err(_) => tokio::time::timeout_at(deadline, jobs.recv())
                     .await
                     .ok()

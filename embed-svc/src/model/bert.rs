@@ -16,6 +16,9 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::bf16::{self, PackedWeights};
+use super::kernels;
+
 /// Below this many tokens per call, the cheap steps (attention, norms, gelu) stay on the calling
 /// thread: handing tiny pieces of work to other threads costs more than it saves, especially on
 /// a loaded machine, and that decides the latency of single queries.
@@ -51,17 +54,40 @@ struct Layer {
     out_norm: Norm,
 }
 
-/// A linear layer stored transposed (`[in, out]`, row-major) with its bias.
+/// A linear layer stored transposed (`[in, out]`) with its bias.
 struct Linear {
-    weight: Vec<f32>,
+    weight: Weight,
     bias: Vec<f32>,
     inputs: usize,
     outputs: usize,
 }
 
+/// How a linear layer's weights are held and multiplied.
+enum Weight {
+    /// Row-major f32, multiplied by `gemm`.
+    F32(Vec<f32>),
+    /// Packed bf16 for the AVX-512 BF16 kernel.
+    Bf16(PackedWeights),
+}
+
+/// Arithmetic of the model's linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    /// bf16 products with f32 sums where the CPU has AVX-512 BF16 (about 1.7x faster; cosine to
+    /// the f32 result > 0.9999), else f32.
+    #[default]
+    Auto,
+    /// f32 everywhere.
+    F32,
+}
+
 impl Bert {
     /// Reads a BERT checkpoint (`config.json` already parsed) from a safetensors file.
-    pub(crate) fn load(weights: &Path, config: &Config) -> anyhow::Result<Self> {
+    pub(crate) fn load(
+        weights: &Path,
+        config: &Config,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
         if config.hidden_act != HiddenAct::Gelu {
             bail!(
                 "unsupported activation {:?} (only exact gelu)",
@@ -97,6 +123,7 @@ impl Bert {
         let flat =
             |t: Tensor| -> anyhow::Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let (h, inter) = (config.hidden_size, config.intermediate_size);
+        let use_bf16 = precision == Precision::Auto && bf16::supported();
         let norm = |prefix: &str| -> anyhow::Result<Norm> {
             Ok(Norm {
                 gamma: flat(get(&format!("{prefix}.weight"), &[h])?)?,
@@ -111,12 +138,18 @@ impl Bert {
                 weights.push(get(&format!("{p}.weight"), &[outputs, inputs])?);
                 biases.push(get(&format!("{p}.bias"), &[outputs])?);
             }
-            let weight = Tensor::cat(&weights, 0)?.t()?.contiguous()?;
+            let weight = flat(Tensor::cat(&weights, 0)?.t()?.contiguous()?)?;
+            let outputs = outputs * prefixes.len();
+            let weight = if use_bf16 && outputs.is_multiple_of(bf16::STRIP) {
+                Weight::Bf16(PackedWeights::pack(&weight, inputs, outputs))
+            } else {
+                Weight::F32(weight)
+            };
             Ok(Linear {
-                weight: flat(weight)?,
+                weight,
                 bias: flat(Tensor::cat(&biases, 0)?)?,
                 inputs,
-                outputs: outputs * prefixes.len(),
+                outputs,
             })
         };
 
@@ -203,19 +236,22 @@ impl Bert {
         let mut context = vec![0f32; total * h];
         let mut projected = vec![0f32; total * h];
         let mut up = vec![0f32; total * self.intermediate];
-        let gelu_all = |chunk: &mut [f32]| chunk.iter_mut().for_each(|v| *v = gelu(*v));
+        let mut scratch = Vec::new();
         for layer in &self.layers {
-            layer.qkv.forward(&x, &mut qkv, total);
+            layer.qkv.forward(&x, &mut qkv, total, &mut scratch);
             self.attention(&qkv, &offsets, &mut context, par);
-            layer.attn_out.forward(&context, &mut projected, total);
+            layer
+                .attn_out
+                .forward(&context, &mut projected, total, &mut scratch);
             layer_norm_rows(&mut x, Some(&projected), &layer.attn_norm, self.eps, par);
-            layer.up.forward(&x, &mut up, total);
+            layer.up.forward(&x, &mut up, total, &mut scratch);
+            let up = &mut up[..total * self.intermediate];
             if par {
-                up.par_chunks_mut(4096).for_each(gelu_all);
+                up.par_chunks_mut(4096).for_each(kernels::gelu);
             } else {
-                gelu_all(&mut up);
+                kernels::gelu(up);
             }
-            layer.down.forward(&up, &mut projected, total);
+            layer.down.forward(&up, &mut projected, total, &mut scratch);
             layer_norm_rows(&mut x, Some(&projected), &layer.out_norm, self.eps, par);
         }
 
@@ -273,9 +309,7 @@ impl Bert {
                 scale,
                 Parallelism::None,
             );
-            for row in scores.chunks_mut(len) {
-                softmax(row);
-            }
+            kernels::softmax_rows(&mut scores, len);
             let mut out = vec![0f32; len * d];
             matmul(
                 Out {
@@ -314,9 +348,18 @@ impl Bert {
 }
 
 impl Linear {
-    /// `out[rows, outputs] = x[rows, inputs] · W + b`.
-    fn forward(&self, x: &[f32], out: &mut [f32], rows: usize) {
+    /// `out[rows, outputs] = x[rows, inputs] · W + b`; `scratch` holds converted inputs.
+    fn forward(&self, x: &[f32], out: &mut [f32], rows: usize, scratch: &mut Vec<u32>) {
+        let x = &x[..rows * self.inputs];
         let out = &mut out[..rows * self.outputs];
+        let weight = match &self.weight {
+            Weight::Bf16(packed) => {
+                packed.convert_input(x, rows, scratch);
+                packed.forward(scratch, rows, &self.bias, out);
+                return;
+            }
+            Weight::F32(weight) => weight,
+        };
         // Start from the bias and let gemm accumulate: saves a pass over the output.
         out.chunks_mut(self.outputs)
             .for_each(|row| row.copy_from_slice(&self.bias));
@@ -327,12 +370,12 @@ impl Linear {
             },
             (rows, self.outputs, self.inputs),
             View {
-                data: &x[..rows * self.inputs],
+                data: x,
                 rs: self.inputs,
                 cs: 1,
             },
             View {
-                data: &self.weight,
+                data: weight,
                 rs: self.outputs,
                 cs: 1,
             },
@@ -416,81 +459,63 @@ fn matmul(
     }
 }
 
-/// `x = LayerNorm(x + residual)` row by row, in parallel.
+/// `x = LayerNorm(x + residual)` row by row, in parallel when `par`.
 fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, norm: &Norm, eps: f32, par: bool) {
     let h = norm.gamma.len();
-    let apply = |row: &mut [f32]| {
-        let n = h as f32;
-        let mean = row.iter().sum::<f32>() / n;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-        let inv = 1.0 / (var + eps).sqrt();
-        for ((v, g), b) in row.iter_mut().zip(&norm.gamma).zip(&norm.beta) {
-            *v = (*v - mean) * inv * g + b;
-        }
-    };
-    let add_apply = |(row, res): (&mut [f32], &[f32])| {
-        row.iter_mut().zip(res).for_each(|(v, r)| *v += r);
-        apply(row);
+    // Rows per parallel task: enough work to be worth a hand-off.
+    let rows = 16;
+    let apply = |(x, residual): (&mut [f32], Option<&[f32]>)| {
+        kernels::add_layer_norm(x, residual, &norm.gamma, &norm.beta, eps)
     };
     match (residual, par) {
         (Some(res), true) => x
-            .par_chunks_mut(h)
-            .zip(res.par_chunks(h))
-            .for_each(add_apply),
-        (Some(res), false) => x.chunks_mut(h).zip(res.chunks(h)).for_each(add_apply),
-        (None, true) => x.par_chunks_mut(h).for_each(apply),
-        (None, false) => x.chunks_mut(h).for_each(apply),
+            .par_chunks_mut(rows * h)
+            .zip(res.par_chunks(rows * h))
+            .for_each(|(x, r)| apply((x, Some(r)))),
+        (None, true) => x.par_chunks_mut(rows * h).for_each(|x| apply((x, None))),
+        (residual, false) => apply((x, residual)),
     }
-}
-
-fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// Exact (erf) GELU, as BERT's "gelu".
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// erf with absolute error < 1.5e-7 (Abramowitz & Stegun 7.1.26): f32-exact enough, and much
-/// faster than a correctly rounded erf.
-fn erf(x: f32) -> f32 {
-    let (a1, a2, a3, a4, a5, p) = (
-        0.254_829_6_f32,
-        -0.284_496_74_f32,
-        1.421_413_7_f32,
-        -1.453_152_1_f32,
-        1.061_405_4_f32,
-        0.327_591_1_f32,
-    );
-    let ax = x.abs();
-    let t = 1.0 / (1.0 + p * ax);
-    let y = 1.0 - ((((a5 * t + a4) * t + a3) * t + a2) * t + a1) * t * (-ax * ax).exp();
-    y.copysign(x)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The bf16 path (where this CPU has it) against the f32 one on the real weights.
     #[test]
-    fn erf_is_accurate() {
-        // Reference values of erf.
-        for (x, want) in [
-            (0.0, 0.0),
-            (0.5, 0.520_499_9),
-            (1.0, 0.842_700_8),
-            (-2.0, -0.995_322_3),
-            (4.0, 1.0),
-        ] {
-            assert!((erf(x) - want).abs() < 3e-7, "erf({x}) = {}", erf(x));
+    fn embeds_match_the_f32_path() {
+        let dir = crate::model::ensure_model(
+            &crate::model::default_models_dir(),
+            &crate::model::MINILM_L6_V2,
+        )
+        .unwrap();
+        let config: Config =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let weights = dir.join("model.safetensors");
+        let fast = Bert::load(&weights, &config, Precision::Auto).unwrap();
+        let exact = Bert::load(&weights, &config, Precision::F32).unwrap();
+        // Token ids of several lengths (1 to 256 tokens, one batch), framed by [CLS] and [SEP].
+        let sequences: Vec<Vec<u32>> = [1usize, 9, 17, 64, 200, 254]
+            .iter()
+            .map(|&n| {
+                let mut ids = vec![101];
+                ids.extend((0..n as u32).map(|i| 1000 + (i * 7919) % 20000));
+                ids.push(102);
+                ids
+            })
+            .collect();
+        let refs: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
+        for (a, b) in fast
+            .embed(&refs)
+            .unwrap()
+            .iter()
+            .zip(exact.embed(&refs).unwrap())
+        {
+            let cosine: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!(
+                cosine > 0.9999,
+                "cosine {cosine} between the bf16 and f32 paths"
+            );
         }
     }
 

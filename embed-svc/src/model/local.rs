@@ -10,7 +10,7 @@ use tokenizers::{
     TruncationStrategy,
 };
 
-use super::bert::Bert;
+use super::bert::{Bert, Precision};
 use super::fetch::ModelSpec;
 
 /// Tokens per forward pass: bounds activation memory (~15 KB per token) for huge calls.
@@ -45,6 +45,11 @@ pub struct LocalModel {
 impl LocalModel {
     /// Loads the model files in `dir` (as returned by `ensure_model`) for `spec`.
     pub fn load(dir: &Path, spec: &ModelSpec) -> anyhow::Result<Self> {
+        Self::load_with(dir, spec, Precision::Auto)
+    }
+
+    /// Like [`LocalModel::load`], with the arithmetic of the linear layers chosen.
+    pub fn load_with(dir: &Path, spec: &ModelSpec, precision: Precision) -> anyhow::Result<Self> {
         let config_path = dir.join("config.json");
         let config: Config = serde_json::from_slice(
             &std::fs::read(&config_path)
@@ -62,8 +67,8 @@ impl LocalModel {
         // Position embeddings cap the usable length whatever the spec says.
         let max_tokens = spec.max_tokens.min(config.max_position_embeddings);
 
-        let model =
-            Bert::load(&dir.join("model.safetensors"), &config).context("loading BERT weights")?;
+        let model = Bert::load(&dir.join("model.safetensors"), &config, precision)
+            .context("loading BERT weights")?;
 
         let tokenizer_path = dir.join("tokenizer.json");
         let mut counter = Tokenizer::from_file(&tokenizer_path)

@@ -7,9 +7,12 @@
 //! are accepted only if their sha256 matches the pinned one.
 
 mod bert;
+mod bf16;
 mod fetch;
+mod kernels;
 mod local;
 
+pub use bert::Precision;
 pub use fetch::{
     MINILM_L6_V2, ModelSpec, default_models_dir, ensure_model, sha256_file, verify_sha256,
 };
