@@ -56,7 +56,7 @@ enum Service {
     /// The catalog and indexing workers.
     Ingest(smartdb_ingest::Config),
     /// Embedding models and cache.
-    Embed(smartdb_embed::Config),
+    Embed(Box<smartdb_embed::Config>),
 }
 
 #[tokio::main]
@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Service::Embed(c) => {
                 smartdb_kit::telemetry::init(c.server.log_json);
-                smartdb_embed::serve(c, shutdown()).await
+                smartdb_embed::serve(*c, shutdown()).await
             }
         },
         Command::Kb { command } => commands::kb(&cli.addr, command).await,

@@ -95,12 +95,8 @@ impl pb::embed_service_server::EmbedService for EmbedGrpc {
     ) -> Result<Response<pb::GetTokenizerResponse>, Status> {
         let provider = self.embedder()?.provider(&request.into_inner().model)?;
         let descriptor = provider.descriptor();
-        let tokenizer_json = provider.tokenizer_json().ok_or_else(|| {
-            Error::invalid(
-                "model",
-                format!("model {:?} has no shareable tokenizer", descriptor.id),
-            )
-        })?;
+        // Remote models don't share theirs: empty tells the caller to measure in characters.
+        let tokenizer_json = provider.tokenizer_json().unwrap_or_default();
         Ok(Response::new(pb::GetTokenizerResponse {
             tokenizer_json,
             max_input_tokens: descriptor.max_input_tokens as u32,

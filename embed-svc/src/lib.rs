@@ -65,6 +65,9 @@ pub struct Config {
     /// Vector length to request from it (unset: the model's own, found with one probe call).
     #[arg(long, env = "SMARTDB_OPENAI_DIMENSIONS")]
     pub openai_dimensions: Option<u32>,
+    /// That model's input limit in tokens (knowledge bases using it chunk text by it).
+    #[arg(long, env = "SMARTDB_OPENAI_MAX_INPUT_TOKENS", default_value_t = 8192)]
+    pub openai_max_input_tokens: usize,
     /// Requests in flight at once to that endpoint.
     #[arg(long, env = "SMARTDB_OPENAI_CONCURRENCY", default_value_t = 4)]
     pub openai_concurrency: usize,
@@ -129,6 +132,7 @@ pub async fn serve(
                 openai::OpenAiConfig::new(base_url.clone(), config.openai_model.clone());
             settings.api_key = config.openai_api_key.clone();
             settings.dimensions = config.openai_dimensions;
+            settings.max_input_tokens = config.openai_max_input_tokens;
             settings.max_concurrency = config.openai_concurrency.max(1);
             Some(Arc::new(openai::OpenAiProvider::new(settings)?))
         }

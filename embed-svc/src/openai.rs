@@ -27,8 +27,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Suggested wait reported with RESOURCE_EXHAUSTED when the server named none.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
-/// Input limit reported in the descriptor: remote models do not say theirs; 8192 is OpenAI's.
-const REMOTE_MAX_INPUT_TOKENS: usize = 8192;
 
 /// Settings of an [`OpenAiProvider`].
 #[derive(Debug, Clone)]
@@ -41,6 +39,9 @@ pub struct OpenAiConfig {
     pub model: String,
     /// Vector length to request (`dimensions`); `None` = the model's native length.
     pub dimensions: Option<u32>,
+    /// The model's input limit in tokens (remote APIs don't report it; OpenAI's is 8192).
+    /// Callers that chunk text size their chunks by it.
+    pub max_input_tokens: usize,
     /// Most inputs per HTTP request (OpenAI allows 2048).
     pub max_inputs_per_request: usize,
     /// Estimated tokens per HTTP request (OpenAI allows 300 000); see [`estimate_tokens`].
@@ -63,6 +64,7 @@ impl OpenAiConfig {
             api_key: None,
             model: model.into(),
             dimensions: None,
+            max_input_tokens: 8192,
             max_inputs_per_request: 2048,
             max_tokens_per_request: 300_000,
             max_concurrency: 4,
@@ -115,7 +117,7 @@ impl OpenAiProvider {
         let initial = ModelDescriptor {
             id: config.model.clone(),
             dimension: config.dimensions.unwrap_or(0) as usize,
-            max_input_tokens: REMOTE_MAX_INPUT_TOKENS,
+            max_input_tokens: config.max_input_tokens.max(1),
             provider: "openai",
             query_prefix: config.query_prefix.clone(),
             document_prefix: config.document_prefix.clone(),
@@ -184,7 +186,12 @@ impl OpenAiProvider {
             .max_delay(BACKOFF_MAX)
             .map(jitter) // full jitter: uniform in [0, delay)
             .take(self.config.max_retries as usize);
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let attempt = || async {
+            if attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+                metrics::counter!("embed_remote_retries_total", "model" => self.config.model.clone())
+                    .increment(1);
+            }
             let wait_until = not_before.lock().expect("not poisoned").take();
             if let Some(at) = wait_until {
                 tokio::time::sleep_until(at.into()).await;
@@ -202,7 +209,15 @@ impl OpenAiProvider {
         let started = Instant::now();
         let response = RetryIf::start(strategy, attempt, Failure::retryable)
             .await
-            .map_err(Failure::into_error)?;
+            .map_err(|failure| {
+                metrics::counter!(
+                    "embed_remote_failures_total",
+                    "model" => self.config.model.clone(),
+                    "kind" => format!("{:?}", failure.kind),
+                )
+                .increment(1);
+                failure.into_error()
+            })?;
         metrics::histogram!("embed_inference_duration_seconds", "provider" => "openai")
             .record(started.elapsed().as_secs_f64());
 

@@ -311,6 +311,28 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_window_calls_arriving_during_a_batch_join_the_next() {
+        let provider = Arc::new(LocalProvider::new(load().await, 16));
+        let text = "A passage long enough to keep the model busy for a moment. ".repeat(20);
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let provider = provider.clone();
+                let text = text.clone();
+                tokio::spawn(async move { provider.embed(vec![text]).await })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap().len(), 1);
+        }
+        // The first call runs alone at once; the others queue behind it and run together.
+        assert!(
+            provider.batches_run() <= 4,
+            "{} batches for 8 concurrent calls",
+            provider.batches_run()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flood_is_refused_with_resource_exhausted_not_queued() {
         let dir =
             tokio::task::spawn_blocking(|| ensure_model(&default_models_dir(), &MINILM_L6_V2))

@@ -13,13 +13,25 @@ const RESERVED_TOKENS: usize = 8;
 
 /// Splits documents for one model.
 pub struct Chunker {
-    tokenizer: Tokenizer,
+    /// The model's tokenizer; `None` for models that don't share theirs (remote APIs), which are
+    /// measured in characters instead.
+    tokenizer: Option<Tokenizer>,
     max_tokens: usize,
 }
 
 impl Chunker {
     /// A chunker from a Hugging Face `tokenizer.json` and the model's input limit.
+    /// An empty `tokenizer_json` means the model has none to share: chunks are then limited to
+    /// that many characters, which no tokenizer turns into more tokens (one per character at
+    /// worst, short of byte-level fallbacks for rare scripts).
     pub fn from_json(tokenizer_json: &str, model_max_tokens: usize) -> Result<Self> {
+        let max_tokens = model_max_tokens.saturating_sub(RESERVED_TOKENS).max(16);
+        if tokenizer_json.is_empty() {
+            return Ok(Self {
+                tokenizer: None,
+                max_tokens,
+            });
+        }
         let mut tokenizer: Tokenizer = tokenizer_json
             .parse()
             .map_err(|e| Error::Internal(format!("cannot load the model's tokenizer: {e}")))?;
@@ -28,9 +40,8 @@ impl Chunker {
             .with_truncation(None)
             .map_err(|e| Error::Internal(format!("tokenizer: {e}")))?;
         tokenizer.with_padding(None);
-        let max_tokens = model_max_tokens.saturating_sub(RESERVED_TOKENS).max(16);
         Ok(Self {
-            tokenizer,
+            tokenizer: Some(tokenizer),
             max_tokens,
         })
     }
@@ -42,17 +53,45 @@ impl Chunker {
 
     /// Splits `text`, dropping chunks that are only whitespace.
     pub fn split(&self, text: &str, content_type: ContentType) -> Vec<String> {
-        let config = ChunkConfig::new(self.max_tokens)
-            .with_sizer(&self.tokenizer)
-            .with_trim(true);
-        let chunks: Vec<&str> = match content_type {
-            ContentType::Markdown => MarkdownSplitter::new(config).chunks(text).collect(),
-            ContentType::Plain => TextSplitter::new(config).chunks(text).collect(),
+        let chunks: Vec<&str> = match &self.tokenizer {
+            Some(tokenizer) => {
+                let config = ChunkConfig::new(self.max_tokens)
+                    .with_sizer(tokenizer)
+                    .with_trim(true);
+                match content_type {
+                    ContentType::Markdown => MarkdownSplitter::new(config).chunks(text).collect(),
+                    ContentType::Plain => TextSplitter::new(config).chunks(text).collect(),
+                }
+            }
+            None => {
+                let config = ChunkConfig::new(self.max_tokens).with_trim(true);
+                match content_type {
+                    ContentType::Markdown => MarkdownSplitter::new(config).chunks(text).collect(),
+                    ContentType::Plain => TextSplitter::new(config).chunks(text).collect(),
+                }
+            }
         };
         chunks
             .into_iter()
             .filter(|c| !c.trim().is_empty())
             .map(str::to_owned)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_tokenizer_chunks_are_bounded_in_characters() {
+        // 108 tokens minus the 8 reserved: chunks of at most 100 characters.
+        let chunker = Chunker::from_json("", 108).unwrap();
+        let text = "A sentence about retrieval. ".repeat(40);
+        let chunks = chunker.split(&text, ContentType::Plain);
+        assert!(chunks.len() >= 10, "{} chunks", chunks.len());
+        assert!(chunks.iter().all(|c| c.chars().count() <= 100));
+        // Nothing is lost between chunks.
+        assert_eq!(chunks.join(" ").matches("retrieval").count(), 40);
     }
 }

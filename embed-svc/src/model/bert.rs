@@ -251,7 +251,7 @@ impl Bert {
             } else {
                 kernels::gelu(up);
             }
-            layer.down.forward(&up, &mut projected, total, &mut scratch);
+            layer.down.forward(up, &mut projected, total, &mut scratch);
             layer_norm_rows(&mut x, Some(&projected), &layer.out_norm, self.eps, par);
         }
 

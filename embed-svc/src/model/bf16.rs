@@ -52,6 +52,7 @@ fn bf16_bits(v: f32) -> u32 {
 /// A weight matrix `[inputs, outputs]` packed for the kernel.
 pub(crate) struct PackedWeights {
     blocks: Vec<Block>,
+    inputs: usize,
     /// Input-row pairs (`ceil(inputs / 2)`).
     pairs: usize,
     outputs: usize,
@@ -86,6 +87,7 @@ impl PackedWeights {
         }
         Self {
             blocks,
+            inputs,
             pairs,
             outputs,
         }
@@ -93,11 +95,16 @@ impl PackedWeights {
 
     /// Converts `rows` rows of `x[rows × inputs]` into the kernel's activation layout.
     pub(crate) fn convert_input(&self, x: &[f32], rows: usize, out: &mut Vec<u32>) {
-        let inputs = x.len() / rows.max(1);
-        assert!(inputs.div_ceil(2) == self.pairs && x.len() == rows * inputs);
+        assert_eq!(
+            x.len(),
+            rows * self.inputs,
+            "activations of the wrong shape"
+        );
         out.clear();
         out.resize(rows * self.pairs, 0);
-        convert_rows(x, inputs, self.pairs, out);
+        if rows > 0 && self.inputs > 0 {
+            convert_rows(x, self.inputs, self.pairs, out);
+        }
     }
 
     /// `out[rows × outputs] = a · W + bias`, with `a` from [`Self::convert_input`].
@@ -257,7 +264,12 @@ unsafe fn kernel<const M: usize, const S: usize>(args: &KernelArgs) {
             for (i, row) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_epi32(a.add(i * pairs + t).read() as i32);
                 for (j, v) in row.iter_mut().enumerate() {
-                    *v = _mm512_dpbf16_ps(*v, std::mem::transmute(x), std::mem::transmute(w[j]));
+                    // Same 512 bits, seen as 32 bf16 values.
+                    *v = _mm512_dpbf16_ps(
+                        *v,
+                        std::mem::transmute::<__m512i, __m512bh>(x),
+                        std::mem::transmute::<__m512i, __m512bh>(w[j]),
+                    );
                 }
             }
         }

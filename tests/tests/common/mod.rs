@@ -51,6 +51,11 @@ pub struct ServiceInfo {
 impl Cluster {
     /// Starts a cluster and waits until every service is SERVING.
     pub async fn start() -> Cluster {
+        Self::start_with_env(&[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra environment for `smartdb up` and its services.
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Cluster {
         let bin = smartdb_bin();
         let data_dir = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(data_dir.path().join("up.log")).expect("log file");
@@ -69,6 +74,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(data_dir.path())
             .env("SMARTDB_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -271,22 +277,25 @@ pub async fn http_post_json(addr: &str, path: &str, body: &str) -> (String, Stri
 
 /// GETs `path` over plain HTTP/1.0 and returns the body.
 pub async fn http_get(addr: &str, path: &str) -> String {
+    let (status, body) = try_http_get(addr, path).await.expect("HTTP GET");
+    assert!(status.contains(" 200"), "{status}\n{body}");
+    body
+}
+
+/// GETs `path` over plain HTTP/1.0: the status line and body, or None if nothing answered.
+pub async fn try_http_get(addr: &str, path: &str) -> Option<(String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect HTTP");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .await
-        .expect("write");
+        .ok()?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    assert!(
-        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-        "{response}"
-    );
-    response
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.lines().next()?.to_owned();
+    let body = response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    Some((status, body))
 }
