@@ -73,7 +73,7 @@ enum Weight {
 /// Arithmetic of the model's linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Precision {
-    /// bf16 products with f32 sums where the CPU has AVX-512 BF16 (about 1.7x faster; cosine to
+    /// bf16 products with f32 sums where the CPU has AVX-512 BF16 (about 1.6x faster; cosine to
     /// the f32 result > 0.9999), else f32.
     #[default]
     Auto,

@@ -59,8 +59,10 @@ pub(crate) struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs row-major `weight[inputs × outputs]`; `outputs` must be a multiple of 16.
+    /// Packs row-major `weight[inputs × outputs]`; `outputs` must be a multiple of 16 and the
+    /// CPU must have AVX-512 BF16 (so that `forward`, a safe function, can run the kernel).
     pub(crate) fn pack(weight: &[f32], inputs: usize, outputs: usize) -> Self {
+        assert!(supported(), "this CPU has no AVX-512 BF16");
         assert!(
             outputs.is_multiple_of(STRIP),
             "outputs must be a multiple of {STRIP}"
@@ -127,8 +129,8 @@ impl PackedWeights {
             let s0 = st * STRIPS_PER_TASK;
             let s1 = (s0 + STRIPS_PER_TASK).min(strips);
             // SAFETY: tasks cover disjoint (row range × strip range) tiles of `out`, all inside
-            // `rows × n` (asserted above); the CPU has AVX-512 BF16 (checked before packing
-            // weights for this path, see `supported`).
+            // `rows × n` (asserted above); the CPU has AVX-512 BF16 (`pack` asserts it, and a
+            // `PackedWeights` only comes from `pack`).
             unsafe { self.tile(a, r0..r1, s0..s1, bias, out_ptr) };
         };
         let tasks = row_tasks * strip_tasks;

@@ -33,7 +33,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     let poly = p * r * r + r + 1.0;
     // n sits in the low bits of `shifted`; move it into the exponent field of 2^n.
-    let two_n = f32::from_bits((shifted.to_bits().wrapping_sub(ROUND.to_bits()) + 127) << 23);
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
     poly * two_n
 }
 
