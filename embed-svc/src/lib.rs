@@ -68,6 +68,14 @@ pub struct Config {
     /// That model's input limit in tokens (knowledge bases using it chunk text by it).
     #[arg(long, env = "SMARTDB_OPENAI_MAX_INPUT_TOKENS", default_value_t = 8192)]
     pub openai_max_input_tokens: usize,
+    /// Consecutive failed requests to that endpoint (each after its retries) that open its
+    /// circuit breaker: its model then fails at once with UNAVAILABLE for a while.
+    #[arg(long, env = "SMARTDB_OPENAI_BREAKER_FAILURES", default_value_t = 3)]
+    pub openai_breaker_failures: u32,
+    /// How long that breaker stays open before a trial request (doubling up to 1 minute while
+    /// trials fail).
+    #[arg(long, env = "SMARTDB_OPENAI_BREAKER_OPEN", default_value = "10s", value_parser = smartdb_kit::config::parse_duration)]
+    pub openai_breaker_open: std::time::Duration,
     /// Requests in flight at once to that endpoint.
     #[arg(long, env = "SMARTDB_OPENAI_CONCURRENCY", default_value_t = 4)]
     pub openai_concurrency: usize,
@@ -133,6 +141,8 @@ pub async fn serve(
             settings.api_key = config.openai_api_key.clone();
             settings.dimensions = config.openai_dimensions;
             settings.max_input_tokens = config.openai_max_input_tokens;
+            settings.breaker_failures = config.openai_breaker_failures;
+            settings.breaker_open = config.openai_breaker_open;
             settings.max_concurrency = config.openai_concurrency.max(1);
             Some(Arc::new(openai::OpenAiProvider::new(settings)?))
         }

@@ -50,6 +50,12 @@ pub struct OpenAiConfig {
     pub max_concurrency: usize,
     /// Retries per HTTP request after 429, 5xx or connection errors.
     pub max_retries: u32,
+    /// Consecutive failed requests (after their retries) that open the circuit breaker; while
+    /// open, calls fail at once with UNAVAILABLE instead of waiting on a dead endpoint.
+    pub breaker_failures: u32,
+    /// How long the breaker first stays open before letting a trial request through; doubles
+    /// while trials keep failing, up to a minute.
+    pub breaker_open: Duration,
     /// Prefix put before queries.
     pub query_prefix: String,
     /// Prefix put before documents.
@@ -69,6 +75,8 @@ impl OpenAiConfig {
             max_tokens_per_request: 300_000,
             max_concurrency: 4,
             max_retries: 5,
+            breaker_failures: 3,
+            breaker_open: Duration::from_secs(10),
             query_prefix: String::new(),
             document_prefix: String::new(),
         }
@@ -92,6 +100,60 @@ pub struct OpenAiProvider {
     discovered: OnceLock<ModelDescriptor>,
     /// Bounds requests in flight, shared by all calls so a burst cannot flood the endpoint.
     permits: Arc<Semaphore>,
+    /// Trips after repeated failures so callers stop waiting on an endpoint that is down.
+    breaker: Breaker,
+}
+
+type Breaker =
+    failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailures<Doubling>, BreakerMetrics>;
+
+/// Open periods of the breaker: `start`, doubling up to `max`. (failsafe's own exponential
+/// backoff counts whole seconds and refuses anything under one.)
+#[derive(Debug, Clone)]
+struct Doubling {
+    next: Duration,
+    max: Duration,
+}
+
+impl Iterator for Doubling {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(self.max);
+        Some(now)
+    }
+}
+
+/// Reports the breaker's transitions and rejections in `/metrics`.
+struct BreakerMetrics {
+    model: String,
+}
+
+impl BreakerMetrics {
+    fn state(&self, open: f64, state: &'static str) {
+        metrics::gauge!("embed_remote_breaker_open", "model" => self.model.clone()).set(open);
+        tracing::warn!(model = %self.model, state, "circuit breaker of the remote model");
+    }
+}
+
+impl failsafe::Instrument for BreakerMetrics {
+    fn on_call_rejected(&self) {
+        metrics::counter!("embed_remote_rejected_total", "model" => self.model.clone())
+            .increment(1);
+    }
+
+    fn on_open(&self) {
+        self.state(1.0, "open");
+    }
+
+    fn on_half_open(&self) {
+        self.state(0.5, "half-open");
+    }
+
+    fn on_closed(&self) {
+        self.state(0.0, "closed");
+    }
 }
 
 impl OpenAiProvider {
@@ -126,8 +188,22 @@ impl OpenAiProvider {
         if config.dimensions.is_some() {
             let _ = discovered.set(initial.clone());
         }
+        let open = config.breaker_open.max(Duration::from_millis(1));
+        let breaker = failsafe::Config::new()
+            .failure_policy(failsafe::failure_policy::consecutive_failures(
+                config.breaker_failures.max(1),
+                Doubling {
+                    next: open,
+                    max: open.max(Duration::from_secs(60)),
+                },
+            ))
+            .instrument(BreakerMetrics {
+                model: config.model.clone(),
+            })
+            .build();
         Ok(Self {
             permits: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
+            breaker,
             config,
             url,
             http,
@@ -163,6 +239,13 @@ impl OpenAiProvider {
 
     /// Sends one request (with retries) for `texts`, returning vectors in their order.
     async fn embed_chunk(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+        if !self.breaker.is_call_permitted() {
+            return Err(Error::Unavailable(format!(
+                "model {:?}: its endpoint failed repeatedly, so it is not called for a while \
+                 (circuit breaker open); other models still answer",
+                self.config.model
+            )));
+        }
         let _permit = self
             .permits
             .acquire()
@@ -207,17 +290,25 @@ impl OpenAiProvider {
             result
         };
         let started = Instant::now();
-        let response = RetryIf::start(strategy, attempt, Failure::retryable)
-            .await
-            .map_err(|failure| {
-                metrics::counter!(
-                    "embed_remote_failures_total",
-                    "model" => self.config.model.clone(),
-                    "kind" => format!("{:?}", failure.kind),
-                )
-                .increment(1);
-                failure.into_error()
-            })?;
+        let response = RetryIf::start(strategy, attempt, Failure::retryable).await;
+        // Only an endpoint that is down or broken trips the breaker; one that answers (even
+        // with 429 or 400) is alive.
+        match &response {
+            Err(Failure {
+                kind: FailureKind::ServerError | FailureKind::Connection,
+                ..
+            }) => self.breaker.on_error(),
+            _ => self.breaker.on_success(),
+        }
+        let response = response.map_err(|failure| {
+            metrics::counter!(
+                "embed_remote_failures_total",
+                "model" => self.config.model.clone(),
+                "kind" => format!("{:?}", failure.kind),
+            )
+            .increment(1);
+            failure.into_error()
+        })?;
         metrics::histogram!("embed_inference_duration_seconds", "provider" => "openai")
             .record(started.elapsed().as_secs_f64());
 
@@ -637,5 +728,46 @@ mod tests {
             provider.embed(vec!["a".into()]).await,
             Err(Error::Unavailable(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_dead_endpoint_trips_the_breaker_which_closes_once_it_answers() {
+        // Requests 0..4 fail with 503; from request 4 on the server is healthy again.
+        let (base, count) = scripted(|n| {
+            if n < 4 {
+                StatusCode::SERVICE_UNAVAILABLE.into_response()
+            } else {
+                StatusCode::OK.into_response()
+            }
+        })
+        .await;
+        let provider = OpenAiProvider::new(OpenAiConfig {
+            max_retries: 1,
+            breaker_failures: 2,
+            breaker_open: Duration::from_millis(300),
+            ..config(base)
+        })
+        .unwrap();
+        // Two failed calls (two attempts each) open the breaker.
+        for _ in 0..2 {
+            assert!(matches!(
+                provider.embed(vec!["a".into()]).await,
+                Err(Error::Unavailable(_))
+            ));
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 4);
+        // Open: rejected at once, without a request.
+        let started = Instant::now();
+        match provider.embed(vec!["a".into()]).await {
+            Err(Error::Unavailable(message)) => assert!(message.contains("circuit"), "{message}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert_eq!(count.load(Ordering::SeqCst), 4);
+        // After the open period a trial goes through, succeeds, and closes the breaker.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(provider.embed(vec!["a".into()]).await.unwrap().len(), 1);
+        assert_eq!(provider.embed(vec!["b".into()]).await.unwrap().len(), 1);
+        assert_eq!(count.load(Ordering::SeqCst), 6);
     }
 }

@@ -138,6 +138,9 @@ async fn knowledge_base_on_a_third_party_openai_compatible_server() {
         ("SMARTDB_OPENAI_MODEL", REMOTE),
         // llama.cpp was started with a 512-token context.
         ("SMARTDB_OPENAI_MAX_INPUT_TOKENS", "512"),
+        // One failed request (after its retries) opens the breaker, for 2 s.
+        ("SMARTDB_OPENAI_BREAKER_FAILURES", "1"),
+        ("SMARTDB_OPENAI_BREAKER_OPEN", "2s"),
     ])
     .await;
     let embed_svc = cluster.service("embed-svc");
@@ -253,19 +256,63 @@ async fn knowledge_base_on_a_third_party_openai_compatible_server() {
             .await
             .is_ok()
     );
-    let metrics = http_get(&embed_svc.http, "/metrics").await;
-    let retries: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("embed_remote_retries_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(retries >= 1.0, "no retries counted:\n{metrics}");
-    assert!(metrics.contains("embed_remote_failures_total"), "{metrics}");
-
-    // Back on the same port: used again without restarting anything.
-    let _llama = LlamaServer::start(&gguf, port, &llama_log).await;
-    let again = embed(&mut embedder, REMOTE, &["a text the cache has never seen"])
+    // That failure opened the breaker: calls now fail at once instead of waiting on retries,
+    // and so does a search of the knowledge base that uses the model.
+    let started = Instant::now();
+    let err = embed(&mut embedder, REMOTE, &["another new text"])
         .await
-        .expect("remote model back");
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("circuit breaker"), "{err:?}");
+    let err = search
+        .search(pb::SearchRequest {
+            knowledge_base: "remote".into(),
+            query: "a query the cache has never seen".into(),
+            top_k: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = http_get(&embed_svc.http, "/metrics").await;
+    let counted = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(counted("embed_remote_retries_total") >= 1.0, "{metrics}");
+    assert!(counted("embed_remote_failures_total") >= 1.0, "{metrics}");
+    assert!(counted("embed_remote_rejected_total") >= 2.0, "{metrics}");
+    assert_eq!(counted("embed_remote_breaker_open"), 1.0, "{metrics}");
+
+    // Back on the same port: once the open period is over, a trial call closes the breaker and
+    // the model is used again without restarting anything.
+    let _llama = LlamaServer::start(&gguf, port, &llama_log).await;
+    let again = eventually(Duration::from_secs(30), "the remote model back", || {
+        let mut embedder = embedder.clone();
+        async move {
+            embed(&mut embedder, REMOTE, &["a text the cache has never seen"])
+                .await
+                .ok()
+        }
+    })
+    .await;
     assert_eq!(again[0].len(), 384);
+    let found = search
+        .search(pb::SearchRequest {
+            knowledge_base: "remote".into(),
+            query: "light energy stored by chloroplasts".into(),
+            top_k: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("search with the model back");
+    assert_eq!(found.into_inner().hits[0].document_id, ids[0]);
 }
