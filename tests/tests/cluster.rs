@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, eventually, grpcurl, health, http_get};
+use common::{Cluster, eventually, grpcurl, health, http_get, search};
 use smartdb_proto::v1 as pb;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -64,24 +64,6 @@ async fn upload(
         .docs()
         .await
         .upload_document(tokio_stream::iter(messages))
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn search(
-    cluster: &Cluster,
-    kb: &str,
-    query: &str,
-) -> Result<pb::SearchResponse, tonic::Status> {
-    cluster
-        .search()
-        .await
-        .search(pb::SearchRequest {
-            knowledge_base: kb.to_owned(),
-            query: query.to_owned(),
-            top_k: 5,
-            ..Default::default()
-        })
         .await
         .map(|r| r.into_inner())
 }

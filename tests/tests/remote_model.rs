@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, connect, eventually, http_get, try_http_get};
+use common::{Cluster, connect, eventually, http_get, search, try_http_get};
 use smartdb_proto::v1 as pb;
 use tonic::Code;
 
@@ -229,17 +229,9 @@ async fn knowledge_base_on_a_third_party_openai_compatible_server() {
             assert!(doc.chunk_count >= 4, "{} chunks", doc.chunk_count);
         }
     }
-    let mut search = cluster.search().await;
-    let found = search
-        .search(pb::SearchRequest {
-            knowledge_base: "remote".into(),
-            query: "how do plants turn sunlight into sugar".into(),
-            top_k: 3,
-            ..Default::default()
-        })
+    let found = search(&cluster, "remote", "how do plants turn sunlight into sugar")
         .await
-        .expect("search")
-        .into_inner();
+        .expect("search");
     assert_eq!(found.embedding_model, REMOTE);
     assert_eq!(found.hits[0].document_id, ids[0], "{found:?}");
 
@@ -264,13 +256,7 @@ async fn knowledge_base_on_a_third_party_openai_compatible_server() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("circuit breaker"), "{err:?}");
-    let err = search
-        .search(pb::SearchRequest {
-            knowledge_base: "remote".into(),
-            query: "a query the cache has never seen".into(),
-            top_k: 3,
-            ..Default::default()
-        })
+    let err = search(&cluster, "remote", "a query the cache has never seen")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -305,14 +291,8 @@ async fn knowledge_base_on_a_third_party_openai_compatible_server() {
     })
     .await;
     assert_eq!(again[0].len(), 384);
-    let found = search
-        .search(pb::SearchRequest {
-            knowledge_base: "remote".into(),
-            query: "light energy stored by chloroplasts".into(),
-            top_k: 3,
-            ..Default::default()
-        })
+    let found = search(&cluster, "remote", "light energy stored by chloroplasts")
         .await
         .expect("search with the model back");
-    assert_eq!(found.into_inner().hits[0].document_id, ids[0]);
+    assert_eq!(found.hits[0].document_id, ids[0]);
 }

@@ -197,6 +197,25 @@ impl Drop for Cluster {
     }
 }
 
+/// Searches knowledge base `kb` through the gateway (top 5).
+pub async fn search(
+    cluster: &Cluster,
+    kb: &str,
+    query: &str,
+) -> Result<pb::SearchResponse, tonic::Status> {
+    cluster
+        .search()
+        .await
+        .search(pb::SearchRequest {
+            knowledge_base: kb.to_owned(),
+            query: query.to_owned(),
+            top_k: 5,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// A connected channel to `addr` (`host:port`).
 pub async fn connect(addr: &str) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
