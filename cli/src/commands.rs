@@ -9,7 +9,7 @@ use smartdb_proto::v1 as pb;
 use tonic::transport::Channel;
 
 /// Bytes per upload message.
-const PIECE: usize = 1 << 20;
+const PIECE: usize = smartdb_kit::limits::UPLOAD_PIECE_BYTES;
 
 /// `smartdb kb …`
 #[derive(clap::Subcommand)]
@@ -207,7 +207,8 @@ pub async fn ingest(addr: &str, args: IngestArgs) -> anyhow::Result<()> {
         anyhow::bail!("no files found");
     }
     let mut client = pb::document_service_client::DocumentServiceClient::new(connect(addr).await?)
-        .max_encoding_message_size(smartdb_kit::server::MAX_MESSAGE_BYTES);
+        .max_encoding_message_size(smartdb_kit::limits::Limits::default().message_bytes())
+        .max_decoding_message_size(smartdb_kit::limits::Limits::default().message_bytes());
     let style = ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} {wide_msg}")
         .expect("valid template")
         .progress_chars("=> ");

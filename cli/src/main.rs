@@ -50,11 +50,11 @@ enum Command {
 #[derive(Subcommand)]
 enum Service {
     /// The public edge.
-    Gateway(smartdb_gateway::Config),
+    Gateway(Box<smartdb_gateway::Config>),
     /// The vector index and searches.
-    Search(smartdb_search::Config),
+    Search(Box<smartdb_search::Config>),
     /// The catalog and indexing workers.
-    Ingest(smartdb_ingest::Config),
+    Ingest(Box<smartdb_ingest::Config>),
     /// Embedding models and cache.
     Embed(Box<smartdb_embed::Config>),
 }
@@ -68,15 +68,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { service } => match service {
             Service::Gateway(c) => {
                 smartdb_kit::telemetry::init(c.server.log_json);
-                smartdb_gateway::serve(c, shutdown()).await
+                smartdb_gateway::serve(*c, shutdown()).await
             }
             Service::Search(c) => {
                 smartdb_kit::telemetry::init(c.server.log_json);
-                smartdb_search::serve(c, shutdown()).await
+                smartdb_search::serve(*c, shutdown()).await
             }
             Service::Ingest(c) => {
                 smartdb_kit::telemetry::init(c.server.log_json);
-                smartdb_ingest::serve(c, shutdown()).await
+                smartdb_ingest::serve(*c, shutdown()).await
             }
             Service::Embed(c) => {
                 smartdb_kit::telemetry::init(c.server.log_json);

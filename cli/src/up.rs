@@ -1,6 +1,10 @@
 //! `smartdb up`: the whole cluster on this machine, one OS process per service (this same
-//! binary, `smartdb serve <service>`), supervised: a child that dies is restarted with backoff,
-//! Ctrl-C or SIGTERM stops them all cleanly (gateway first, so no new work enters).
+//! binary, `smartdb serve <service>`), supervised: a child that dies is restarted with backoff
+//! and jitter, and reported as crash-looping when it keeps dying at once; Ctrl-C or SIGTERM
+//! stops them one by one, gateway first, so no new work enters while the rest drain.
+//!
+//! Only the gateway may listen beyond loopback (`--host`); the internal services have no
+//! authentication and stay on `--internal-host`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +17,7 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
+
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Flags of `smartdb up`.
@@ -24,9 +29,15 @@ pub struct UpArgs {
     /// Directory for downloaded models (shared between clusters).
     #[arg(long, env = "SMARTDB_MODELS_DIR")]
     models_dir: Option<PathBuf>,
-    /// Address every service listens on.
+    /// Address the gateway (the only public service) listens on, e.g. `0.0.0.0` to accept
+    /// clients from other machines.
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
+    /// Address the internal services (search, ingest, embed) listen on. They have no
+    /// authentication of their own (embed-svc spends a remote model's API key on every call),
+    /// so they stay on loopback unless told.
+    #[arg(long, default_value = "127.0.0.1")]
+    internal_host: std::net::IpAddr,
     /// Gateway gRPC port (0 picks a free one).
     #[arg(long, default_value_t = 50051)]
     gateway_port: u16,
@@ -43,9 +54,22 @@ pub struct UpArgs {
     /// (for automatically picked ports, on another free port).
     #[arg(long, default_value_t = 100)]
     http_port_offset: u16,
+    /// How long the cluster may take to become ready before `up` gives up (exit code 1).
+    #[arg(long, default_value = "10m", value_parser = smartdb_kit::config::parse_duration)]
+    ready_timeout: Duration,
+    /// Restarts within `QUICK_CRASH` of starting, in a row, after which a service is reported
+    /// as crash-looping (and, before the cluster was ever ready, `up` gives up with exit code 1).
+    #[arg(long, default_value_t = 5)]
+    crash_loop_after: u32,
 }
 
+/// A child that exits sooner than this after starting crashed "quickly".
+const QUICK_CRASH: Duration = Duration::from_secs(30);
+/// Longest wait before restarting a child.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
 /// One supervised service.
+#[derive(Clone)]
 struct Spec {
     name: &'static str,
     args: Vec<String>,
@@ -66,6 +90,10 @@ struct ServiceEntry {
     http: String,
     pid: Option<u32>,
     restarts: u32,
+    /// `running`, `restarting`, `crash-looping` or `stopped`.
+    state: &'static str,
+    /// How the last run ended, if it did.
+    last_exit: Option<String>,
 }
 
 /// The address for a service: `port`, checked to be free now (so a second `smartdb up` fails
@@ -114,11 +142,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(smartdb_embed::model::default_models_dir);
 
-    let h = args.host;
+    let (h, internal) = (args.host, args.internal_host);
     let off = args.http_port_offset;
-    let embed = pick(h, args.embed_port)?;
-    let search = pick(h, args.search_port)?;
-    let ingest = pick(h, args.ingest_port)?;
+    let embed = pick(internal, args.embed_port)?;
+    let search = pick(internal, args.search_port)?;
+    let ingest = pick(internal, args.ingest_port)?;
     let gateway = pick(h, args.gateway_port)?;
     // Obtain the model before anything starts, so the wait is visible and happens once.
     eprintln!(
@@ -144,7 +172,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 models_dir.display().to_string(),
             ],
             grpc: embed,
-            http: http_addr(h, embed.port(), args.embed_port, off)?,
+            http: http_addr(internal, embed.port(), args.embed_port, off)?,
         },
         Spec {
             name: "search-svc",
@@ -156,7 +184,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 embed.to_string(),
             ],
             grpc: search,
-            http: http_addr(h, search.port(), args.search_port, off)?,
+            http: http_addr(internal, search.port(), args.search_port, off)?,
         },
         Spec {
             name: "ingest-svc",
@@ -170,7 +198,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 search.to_string(),
             ],
             grpc: ingest,
-            http: http_addr(h, ingest.port(), args.ingest_port, off)?,
+            http: http_addr(internal, ingest.port(), args.ingest_port, off)?,
         },
         Spec {
             name: "gateway",
@@ -198,57 +226,75 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             ServiceEntry {
                 grpc: spec.grpc.to_string(),
                 http: spec.http.to_string(),
+                state: "starting",
                 ..Default::default()
             },
         );
     }
     let cluster_file = data_dir.join("cluster.json");
     let exe = std::env::current_exe().context("locate the smartdb binary")?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (crash_tx, mut crash_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut supervisors = Vec::new();
     for spec in specs.iter() {
-        let spec = Spec {
-            name: spec.name,
-            args: spec.args.clone(),
-            grpc: spec.grpc,
-            http: spec.http,
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let supervisor = Supervisor {
+            exe: exe.clone(),
+            spec: spec.clone(),
+            state: state.clone(),
+            file: cluster_file.clone(),
+            crash_loop_after: args.crash_loop_after.max(1),
+            crash_loops: crash_tx.clone(),
         };
-        supervisors.push((
-            spec.name,
-            tokio::spawn(supervise(
-                exe.clone(),
-                spec,
-                state.clone(),
-                cluster_file.clone(),
-                stop_rx.clone(),
-            )),
-        ));
+        supervisors.push(Running {
+            name: spec.name,
+            stop: stop_tx,
+            task: tokio::spawn(supervisor.run(stop_rx)),
+        });
     }
 
-    let ready = wait_ready(&specs);
-    tokio::select! {
+    let ready = tokio::time::timeout(args.ready_timeout, wait_ready(&specs));
+    let outcome = tokio::select! {
         result = ready => match result {
-            Ok(()) => print_ready(gateway, &data_dir, &specs),
-            Err(err) => eprintln!("smartdb: {err:#}"),
+            Ok(ready) => ready,
+            Err(_) => Err(anyhow::anyhow!(
+                "the cluster did not become ready within {:?} (--ready-timeout); see the services' logs above",
+                args.ready_timeout
+            )),
         },
-        _ = smartdb_kit::shutdown::signal_received() => {
-            let _ = stop_tx.send(true);
-            return stop_all(supervisors).await;
-        }
+        Some(message) = crash_rx.recv() => Err(anyhow::anyhow!("{message}; giving up")),
+        _ = smartdb_kit::shutdown::signal_received() => return stop_all(supervisors).await,
+    };
+    if let Err(err) = outcome {
+        eprintln!("smartdb: {err:#}");
+        stop_all(supervisors).await?;
+        return Err(err);
     }
+    print_ready(gateway, &data_dir, &specs);
+    // Once ready, a crash-looping service is reported (it keeps being restarted, slowly) and
+    // the rest of the cluster keeps serving.
+    tokio::spawn(async move { while crash_rx.recv().await.is_some() {} });
     smartdb_kit::shutdown::signal_received().await;
-    let _ = stop_tx.send(true);
     stop_all(supervisors).await
 }
 
-async fn stop_all(
-    supervisors: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
-) -> anyhow::Result<()> {
+/// One supervised service and how to stop it.
+struct Running {
+    name: &'static str,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Stops the services one at a time, in the reverse of their start order: the gateway first
+/// (no new work enters), then ingest-svc (its workers stop calling the others), then
+/// search-svc, then embed-svc; each is waited for before the next is told.
+async fn stop_all(supervisors: Vec<Running>) -> anyhow::Result<()> {
     eprintln!("smartdb: stopping the cluster ...");
-    // Started embed → search → ingest → gateway; stopped the other way round.
-    for (name, handle) in supervisors.into_iter().rev() {
-        if let Err(err) = handle.await {
-            eprintln!("smartdb: supervisor of {name} failed: {err}");
+    for running in supervisors.into_iter().rev() {
+        eprintln!("smartdb: stopping {}", running.name);
+        let _ = running.stop.send(true);
+        match running.task.await {
+            Ok(()) => eprintln!("smartdb: {} stopped", running.name),
+            Err(err) => eprintln!("smartdb: supervisor of {} failed: {err}", running.name),
         }
     }
     eprintln!("smartdb: stopped");
@@ -318,62 +364,118 @@ fn spawn_child(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
 }
 
 /// Keeps one service running until told to stop, then stops it gracefully.
-async fn supervise(
+struct Supervisor {
     exe: PathBuf,
     spec: Spec,
     state: Arc<Mutex<ClusterFile>>,
     file: PathBuf,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        let mut child = match spawn_child(&exe, &spec) {
-            Ok(child) => child,
-            Err(err) => {
-                eprintln!("smartdb: {err:#}");
-                tokio::time::sleep(backoff).await;
-                continue;
-            }
-        };
-        let started = Instant::now();
-        if let Some(entry) = state.lock().expect("state").services.get_mut(spec.name) {
-            entry.pid = child.id();
+    crash_loop_after: u32,
+    /// Where a service that crash-loops is reported.
+    crash_loops: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl Supervisor {
+    fn record(&self, update: impl FnOnce(&mut ServiceEntry)) {
+        if let Some(entry) = self
+            .state
+            .lock()
+            .expect("state")
+            .services
+            .get_mut(self.spec.name)
+        {
+            update(entry);
         }
-        write_state(&file, &state);
-        let exited = tokio::select! {
-            status = child.wait() => Some(status),
-            _ = stop.wait_for(|s| *s) => None,
-        };
-        let Some(status) = exited else {
-            terminate(spec.name, &mut child).await;
-            return;
-        };
-        if *stop.borrow() {
-            return;
-        }
-        let status = status
-            .map(|s| s.to_string())
-            .unwrap_or_else(|e| e.to_string());
-        // A child that ran a while gets a fresh backoff; one that keeps crashing waits longer.
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(500);
-        }
-        eprintln!(
-            "smartdb: {} exited ({status}); restarting in {:.1}s",
-            spec.name,
-            backoff.as_secs_f32()
-        );
-        if let Some(entry) = state.lock().expect("state").services.get_mut(spec.name) {
-            entry.pid = None;
-            entry.restarts += 1;
-        }
-        write_state(&file, &state);
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        write_state(&self.file, &self.state);
     }
+
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let name = self.spec.name;
+        let mut quick_crashes = 0u32;
+        loop {
+            let outcome = match spawn_child(&self.exe, &self.spec) {
+                Ok(mut child) => {
+                    let started = Instant::now();
+                    self.record(|e| {
+                        e.pid = child.id();
+                        e.state = "running";
+                    });
+                    let exited = tokio::select! {
+                        status = child.wait() => Some(status),
+                        _ = stop.wait_for(|s| *s) => None,
+                    };
+                    let Some(status) = exited else {
+                        terminate(name, &mut child).await;
+                        self.record(|e| {
+                            e.pid = None;
+                            e.state = "stopped";
+                        });
+                        return;
+                    };
+                    let status = status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|e| e.to_string());
+                    (
+                        started.elapsed() < QUICK_CRASH,
+                        format!("exited ({status})"),
+                    )
+                }
+                // Could not even start (e.g. the binary is gone): as quick a crash as any.
+                Err(err) => (true, format!("could not start: {err:#}")),
+            };
+            if *stop.borrow() {
+                self.record(|e| e.state = "stopped");
+                return;
+            }
+            let (quick, what) = outcome;
+            // A child that ran a while starts over with a short delay.
+            quick_crashes = if quick { quick_crashes + 1 } else { 1 };
+            let delay = restart_delay(quick_crashes);
+            let looping = quick_crashes >= self.crash_loop_after;
+            if looping {
+                let message = format!(
+                    "{name} is crash-looping: {quick_crashes} quick crashes in a row, the last {what}"
+                );
+                eprintln!(
+                    "smartdb: {message}; next try in {:.1}s",
+                    delay.as_secs_f32()
+                );
+                if quick_crashes == self.crash_loop_after {
+                    let _ = self.crash_loops.send(message);
+                }
+            } else {
+                eprintln!(
+                    "smartdb: {name} {what}; restarting in {:.1}s",
+                    delay.as_secs_f32()
+                );
+            }
+            self.record(|e| {
+                e.pid = None;
+                e.restarts += 1;
+                e.state = if looping {
+                    "crash-looping"
+                } else {
+                    "restarting"
+                };
+                e.last_exit = Some(what.clone());
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => {
+                    self.record(|e| e.state = "stopped");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Delay before the `n`th restart in a row (n ≥ 1): doubling from 0.5 s up to 30 s, each with
+/// jitter (half fixed, half random) so that services that died together do not restart in step.
+fn restart_delay(n: u32) -> Duration {
+    let base = Duration::from_millis(500)
+        .saturating_mul(1u32 << n.saturating_sub(1).min(10))
+        .min(MAX_RESTART_DELAY);
+    base / 2 + (base / 2).mul_f64(rand::random::<f64>())
 }
 
 /// SIGTERM, then SIGKILL if the child is still there after the drain time.
@@ -451,4 +553,25 @@ Try it:
 Press Ctrl-C to stop.",
         data_dir.display()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_delays_grow_to_a_cap_with_jitter() {
+        for n in 1..40 {
+            let base = Duration::from_millis(500)
+                .saturating_mul(1u32 << (n - 1).min(10))
+                .min(MAX_RESTART_DELAY);
+            for _ in 0..20 {
+                let d = restart_delay(n);
+                assert!(d >= base / 2 && d <= base, "n={n}: {d:?} outside {base:?}");
+            }
+        }
+        assert!(restart_delay(30) <= MAX_RESTART_DELAY);
+        let spread: std::collections::HashSet<_> = (0..20).map(|_| restart_delay(4)).collect();
+        assert!(spread.len() > 10, "restarts are not jittered");
+    }
 }

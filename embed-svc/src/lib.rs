@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use provider::Provider;
 use smartdb_kit::config::ServerArgs;
-use smartdb_kit::server::{MAX_MESSAGE_BYTES, ServiceServer};
+use smartdb_kit::server::ServiceServer;
 use smartdb_proto::v1::embed_service_server::EmbedServiceServer;
 use tokio::sync::OnceCell;
 
@@ -107,10 +107,11 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let cell: Arc<OnceCell<Arc<embedder::Embedder>>> = Arc::new(OnceCell::new());
     let mut server = ServiceServer::new("embed-svc").await;
+    let max = config.server.limits.message_bytes();
     server.add_service(
         EmbedServiceServer::new(grpc::EmbedGrpc::new(cell.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
     );
     // OpenAI-compatible `POST /v1/embeddings` next to /metrics, for tools that speak that API.
     server.http_routes(http_api::router(cell.clone()));

@@ -1,18 +1,16 @@
 //! Forwarding public calls to the service that owns the data, with the caller's context
 //! (tenant, deadline, request id) and nothing the caller could forge.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use smartdb_kit::context::{CallContext, strip_internal};
+use smartdb_kit::limits::Limits;
 use smartdb_proto::v1 as pb;
-use tokio_stream::StreamExt;
+use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
-
-/// Time allowed for a forwarded call when the caller set no deadline.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time allowed for uploads when the caller set no deadline (they may wait for indexing).
-const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Builds the context of a call entering the cluster: internal metadata is dropped, so the
 /// tenant is the one the gateway decides (the default tenant until authentication exists).
@@ -28,18 +26,59 @@ pub struct Forward {
     kbs: pb::knowledge_base_service_client::KnowledgeBaseServiceClient<Channel>,
     docs: pb::document_service_client::DocumentServiceClient<Channel>,
     search: pb::search_service_client::SearchServiceClient<Channel>,
+    /// Deadline of a forwarded call when none reached us (calls through the server always have
+    /// one: the admission layer sets it).
+    default_timeout: Duration,
+    upload_timeout: Duration,
 }
 
 impl Forward {
-    /// Forwarder over channels to ingest-svc and search-svc.
-    pub fn new(ingest: Channel, search: Channel) -> Self {
-        let max = smartdb_kit::server::MAX_MESSAGE_BYTES;
+    /// Forwarder over channels to ingest-svc and search-svc, with message limits (the same as
+    /// every server's: the largest valid answer fits) and deadlines from `limits`.
+    pub fn new(ingest: Channel, search: Channel, limits: &Limits) -> Self {
+        let max = limits.message_bytes();
         Self {
-            kbs: pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(ingest.clone()),
+            kbs: pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(ingest.clone())
+                .max_encoding_message_size(max)
+                .max_decoding_message_size(max),
             docs: pb::document_service_client::DocumentServiceClient::new(ingest)
                 .max_encoding_message_size(max)
                 .max_decoding_message_size(max),
-            search: pb::search_service_client::SearchServiceClient::new(search),
+            search: pb::search_service_client::SearchServiceClient::new(search)
+                .max_encoding_message_size(max)
+                .max_decoding_message_size(max),
+            default_timeout: limits.default_deadline,
+            upload_timeout: limits.upload_deadline,
+        }
+    }
+}
+
+/// An upload's messages on their way downstream. When the client's stream fails, the relay
+/// neither ends nor fails the forwarded stream (ending it would let ingest-svc store a
+/// truncated file): it stays pending and reports the failure, and the gateway then drops the
+/// downstream call, which resets its stream, so nothing is stored.
+struct Relay {
+    incoming: Streaming<pb::UploadDocumentRequest>,
+    failed: Option<oneshot::Sender<Status>>,
+}
+
+impl tokio_stream::Stream for Relay {
+    type Item = pb::UploadDocumentRequest;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.failed.is_none() {
+            return Poll::Pending;
+        }
+        match Pin::new(&mut self.incoming).poll_next(cx) {
+            Poll::Ready(Some(Ok(message))) => Poll::Ready(Some(message)),
+            Poll::Ready(Some(Err(status))) => {
+                if let Some(failed) = self.failed.take() {
+                    let _ = failed.send(status);
+                }
+                Poll::Pending
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -57,7 +96,7 @@ fn downstream_error(service: &str, status: Status) -> Status {
 macro_rules! unary {
     ($self:ident, $client:ident, $method:ident, $request:ident, $service:literal) => {{
         let ctx = edge_context(&$request);
-        let outgoing = ctx.request($request.into_inner(), DEFAULT_TIMEOUT);
+        let outgoing = ctx.request($request.into_inner(), $self.default_timeout);
         $self
             .$client
             .clone()
@@ -105,35 +144,23 @@ impl pb::document_service_server::DocumentService for Forward {
         request: Request<Streaming<pb::UploadDocumentRequest>>,
     ) -> Result<Response<pb::UploadDocumentResponse>, Status> {
         let ctx = edge_context(&request);
-        let mut incoming = request.into_inner();
-        // Pieces pass through a small channel, so memory stays bounded and a client that breaks
-        // off mid-upload cancels the downstream call instead of completing a truncated file.
-        let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadDocumentRequest>(4);
-        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<Status>();
-        tokio::spawn(async move {
-            while let Some(message) = incoming.next().await {
-                match message {
-                    Ok(m) => {
-                        if tx.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(status) => {
-                        let _ = failed_tx.send(status);
-                        return;
-                    }
-                }
-            }
-        });
-        let outgoing = ctx.request(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            UPLOAD_TIMEOUT,
-        );
+        // Pieces pass straight through (tonic pulls the next one when the last is sent), so
+        // memory stays bounded; a client stream that breaks off aborts the downstream call.
+        let (failed_tx, failed_rx) = oneshot::channel::<Status>();
+        let relay = Relay {
+            incoming: request.into_inner(),
+            failed: Some(failed_tx),
+        };
+        let outgoing = ctx.request(relay, self.upload_timeout);
         let mut docs = self.docs.clone();
         let call = docs.upload_document(outgoing);
         tokio::select! {
+            biased;
+            Ok(status) = failed_rx => Err(Status::cancelled(format!(
+                "upload aborted by the client, nothing was stored: {}",
+                status.message()
+            ))),
             result = call => result.map_err(|s| downstream_error("ingest-svc", s)),
-            Ok(status) = failed_rx => Err(Status::cancelled(format!("upload aborted by the client: {}", status.message()))),
         }
     }
 
@@ -142,7 +169,7 @@ impl pb::document_service_server::DocumentService for Forward {
         request: Request<pb::IngestTextRequest>,
     ) -> Result<Response<pb::IngestTextResponse>, Status> {
         let ctx = edge_context(&request);
-        let outgoing = ctx.request(request.into_inner(), UPLOAD_TIMEOUT);
+        let outgoing = ctx.request(request.into_inner(), self.upload_timeout);
         self.docs
             .clone()
             .ingest_text(outgoing)
@@ -169,6 +196,13 @@ impl pb::document_service_server::DocumentService for Forward {
         request: Request<pb::DeleteDocumentRequest>,
     ) -> Result<Response<pb::DeleteDocumentResponse>, Status> {
         unary!(self, docs, delete_document, request, "ingest-svc")
+    }
+
+    async fn retry_document(
+        &self,
+        request: Request<pb::RetryDocumentRequest>,
+    ) -> Result<Response<pb::RetryDocumentResponse>, Status> {
+        unary!(self, docs, retry_document, request, "ingest-svc")
     }
 }
 

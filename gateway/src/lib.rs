@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use smartdb_kit::client::{ChannelOptions, channel};
 use smartdb_kit::config::ServerArgs;
-use smartdb_kit::server::{MAX_MESSAGE_BYTES, ServiceServer};
+use smartdb_kit::server::ServiceServer;
 use smartdb_proto::names;
 use smartdb_proto::v1 as pb;
 
@@ -62,22 +62,34 @@ pub async fn serve(
         ),
         admin::Downstream::new("embed-svc", &config.embed_addr, embed, &[]),
     ]));
-    let forward = forward::Forward::new(ingest, search);
+    let limits = &config.server.limits;
+    let max = limits.message_bytes();
+    let forward = forward::Forward::new(ingest, search, limits);
 
     let mut server = ServiceServer::new("gateway").await;
     server
         .add_service(
-            pb::knowledge_base_service_server::KnowledgeBaseServiceServer::new(forward.clone()),
+            pb::knowledge_base_service_server::KnowledgeBaseServiceServer::new(forward.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
         )
         .add_service(
             pb::document_service_server::DocumentServiceServer::new(forward.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
         )
-        .add_service(pb::search_service_server::SearchServiceServer::new(forward))
-        .add_service(pb::admin_service_server::AdminServiceServer::new(
-            admin::Admin::new(downstreams.clone()),
-        ));
+        .add_service(
+            pb::search_service_server::SearchServiceServer::new(forward)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(
+                downstreams.clone(),
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        );
     let health = server.health();
     tokio::spawn(async move {
         health.set_serving().await;

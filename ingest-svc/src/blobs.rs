@@ -1,10 +1,21 @@
-//! Originals on disk: each accepted file is written and fsynced before its document row is
-//! committed, so an acknowledged upload can always be indexed again.
+//! Originals on disk: each accepted file is streamed to a temp file as it arrives (hashed and
+//! checked on the way, never held whole in memory), fsynced, and renamed into place before its
+//! document row is committed, so an acknowledged upload can always be indexed again.
+//!
+//! Files no document points at (an upload that crashed midway, a delete whose file removal
+//! failed) are garbage-collected, starting with [`BlobStore::sweep_start`].
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
-use crate::error::Result;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::error::{Error, Result};
+
+/// Bytes of the start of an upload kept in memory to tell its type and find its title.
+pub const PREFIX_BYTES: usize = 64 * 1024;
+const TMP_DIR: &str = "tmp";
 
 /// A directory of original files, named by document id.
 #[derive(Debug, Clone)]
@@ -15,7 +26,7 @@ pub struct BlobStore {
 impl BlobStore {
     /// Opens (creating) the store at `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir.join("tmp"))?;
+        std::fs::create_dir_all(dir.join(TMP_DIR))?;
         Ok(Self {
             dir: dir.to_owned(),
         })
@@ -25,15 +36,22 @@ impl BlobStore {
         self.dir.join(id)
     }
 
-    /// Writes `bytes` durably under `id`: temp file, fsync, rename, fsync the directory.
-    pub fn put(&self, id: &str, bytes: &[u8]) -> Result<()> {
-        let tmp = self.dir.join("tmp").join(id);
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, self.path(id))?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
-        Ok(())
+    /// Starts streaming a new original to a temp file.
+    pub async fn writer(&self) -> Result<BlobWriter> {
+        let tmp = self
+            .dir
+            .join(TMP_DIR)
+            .join(uuid::Uuid::new_v4().to_string());
+        let file = tokio::fs::File::create(&tmp).await?;
+        Ok(BlobWriter {
+            file: Some(file),
+            tmp,
+            dir: self.dir.clone(),
+            hasher: Sha256::new(),
+            size: 0,
+            prefix: Vec::new(),
+            text: Utf8Stream::default(),
+        })
     }
 
     /// Reads the original of `id`.
@@ -48,20 +66,311 @@ impl BlobStore {
             _ => Ok(()),
         }
     }
+
+    /// First half of a sweep: removes temp files older than `grace` (uploads that never
+    /// finished) and returns how many, with the ids of originals older than `grace`, which the
+    /// caller checks against the catalog before removing the unreferenced ones. `grace` must
+    /// exceed the longest upload, since an upload writes its file before its row.
+    pub fn sweep_start(&self, grace: Duration) -> Result<(usize, Vec<String>)> {
+        let old = |path: &Path| -> bool {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age >= grace)
+        };
+        let mut removed = 0;
+        for entry in std::fs::read_dir(self.dir.join(TMP_DIR))? {
+            let path = entry?.path();
+            if old(&path) && std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        let mut candidates = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            if let Some(name) = entry.file_name().to_str()
+                && old(&entry.path())
+            {
+                candidates.push(name.to_owned());
+            }
+        }
+        Ok((removed, candidates))
+    }
+}
+
+/// An original being written: bytes go to a temp file as they arrive, while their hash, size,
+/// first bytes and UTF-8 validity are tracked. Dropped without [`BlobWriter::commit`], the temp
+/// file is removed.
+pub struct BlobWriter {
+    file: Option<tokio::fs::File>,
+    tmp: PathBuf,
+    dir: PathBuf,
+    hasher: Sha256,
+    size: u64,
+    prefix: Vec<u8>,
+    text: Utf8Stream,
+}
+
+/// What was learned about an original while it was written.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// Its size in bytes.
+    pub size: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Its first [`PREFIX_BYTES`] bytes.
+    pub prefix: Vec<u8>,
+    /// Whether it is UTF-8 text; on failure the offset of the first invalid byte.
+    pub utf8: std::result::Result<(), u64>,
+    /// True if it contains a NUL byte (binary content).
+    pub has_nul: bool,
+    /// True if it contains anything but ASCII whitespace.
+    pub has_content: bool,
+}
+
+impl BlobWriter {
+    /// Appends `bytes`.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let file = self.file.as_mut().ok_or_else(|| {
+            Error::Internal("write to an original that was already finished".into())
+        })?;
+        file.write_all(bytes).await?;
+        self.hasher.update(bytes);
+        self.size += bytes.len() as u64;
+        if self.prefix.len() < PREFIX_BYTES {
+            let take = (PREFIX_BYTES - self.prefix.len()).min(bytes.len());
+            self.prefix.extend_from_slice(&bytes[..take]);
+        }
+        self.text.feed(bytes);
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Makes the bytes durable (still under the temp name) and reports what they are.
+    pub async fn finish(&mut self) -> Result<Written> {
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::Internal("an original was finished twice".into()))?;
+        file.flush().await?;
+        file.sync_all().await?;
+        Ok(Written {
+            size: self.size,
+            sha256: hex::encode(self.hasher.clone().finalize()),
+            prefix: self.prefix.clone(),
+            utf8: self.text.result(),
+            has_nul: self.text.nul,
+            has_content: self.text.content,
+        })
+    }
+
+    /// Moves the finished file into place as the original of `id`, durably (rename, then fsync
+    /// of the directory).
+    pub async fn commit(self, id: &str) -> Result<()> {
+        let (tmp, dir, target) = (self.tmp.clone(), self.dir.clone(), self.dir.join(id));
+        // The rename happened (or failed) before Drop runs; Drop then finds nothing to remove.
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            std::fs::rename(&tmp, target)?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // Abandoned (failed, refused or deduplicated upload): nothing may stay behind.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// UTF-8 validation of a byte stream that arrives in pieces split anywhere, even inside a
+/// character (std validates whole slices only).
+#[derive(Debug, Default)]
+pub struct Utf8Stream {
+    /// Start of a character cut off at the end of the last piece (at most 3 bytes).
+    carry: Vec<u8>,
+    /// Bytes fed so far.
+    offset: u64,
+    /// Offset of the first invalid byte, once found.
+    error: Option<u64>,
+    nul: bool,
+    content: bool,
+}
+
+impl Utf8Stream {
+    /// Takes the next piece.
+    pub fn feed(&mut self, piece: &[u8]) {
+        if self.error.is_some() {
+            self.offset += piece.len() as u64;
+            return;
+        }
+        let mut data = piece;
+        if !self.carry.is_empty() {
+            let carried = self.carry.len();
+            let mut joined = std::mem::take(&mut self.carry);
+            let take = (4 - carried).min(data.len());
+            joined.extend_from_slice(&data[..take]);
+            let consumed = match std::str::from_utf8(&joined) {
+                Ok(_) => take,
+                Err(e) if e.valid_up_to() >= carried => e.valid_up_to() - carried,
+                Err(e) if e.error_len().is_none() => {
+                    // Still cut short: the piece was smaller than the rest of the character.
+                    self.carry = joined;
+                    self.offset += data.len() as u64;
+                    return;
+                }
+                Err(e) => {
+                    self.error = Some(self.offset - carried as u64 + e.valid_up_to() as u64);
+                    self.offset += data.len() as u64;
+                    return;
+                }
+            };
+            self.scan(&data[..consumed]);
+            self.offset += consumed as u64;
+            data = &data[consumed..];
+        }
+        match std::str::from_utf8(data) {
+            Ok(_) => self.scan(data),
+            Err(e) => {
+                let valid = e.valid_up_to();
+                self.scan(&data[..valid]);
+                match e.error_len() {
+                    None => self.carry = data[valid..].to_vec(),
+                    Some(_) => self.error = Some(self.offset + valid as u64),
+                }
+            }
+        }
+        self.offset += data.len() as u64;
+    }
+
+    fn scan(&mut self, valid: &[u8]) {
+        self.nul |= valid.contains(&0);
+        self.content |= valid.iter().any(|b| !b.is_ascii_whitespace());
+    }
+
+    /// Ok if everything fed is UTF-8, else the offset of the first invalid byte (a character
+    /// cut off at the end counts as invalid).
+    pub fn result(&self) -> std::result::Result<(), u64> {
+        match self.error {
+            Some(offset) => Err(offset),
+            None if !self.carry.is_empty() => Err(self.offset - self.carry.len() as u64),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn put_get_remove() {
+    #[tokio::test]
+    async fn streamed_originals_are_hashed_committed_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::open(dir.path()).unwrap();
-        blobs.put("a", b"hello").unwrap();
-        assert_eq!(blobs.get("a").unwrap(), b"hello");
+        let mut writer = blobs.writer().await.unwrap();
+        writer.write(b"hello ").await.unwrap();
+        writer.write(b"world").await.unwrap();
+        let written = writer.finish().await.unwrap();
+        assert_eq!(written.size, 11);
+        assert_eq!(written.sha256, hex::encode(Sha256::digest(b"hello world")));
+        assert_eq!(written.prefix, b"hello world");
+        assert!(written.utf8.is_ok() && written.has_content && !written.has_nul);
+        writer.commit("a").await.unwrap();
+        assert_eq!(blobs.get("a").unwrap(), b"hello world");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(),
+            0
+        );
         blobs.remove("a").unwrap();
         blobs.remove("a").unwrap();
         assert!(blobs.get("a").is_err());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_upload_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let mut writer = blobs.writer().await.unwrap();
+        writer.write(b"partial").await.unwrap();
+        drop(writer);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn sweep_finds_old_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        for name in ["kept", "orphan", "tmp/crashed-upload", "fresh-orphan"] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"x").unwrap();
+            if name != "fresh-orphan" {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(an_hour_ago)
+                    .unwrap();
+            }
+        }
+        let (removed, mut candidates) = blobs.sweep_start(Duration::from_secs(600)).unwrap();
+        assert_eq!(removed, 1, "the crashed upload's temp file");
+        candidates.sort();
+        assert_eq!(candidates, ["kept", "orphan"]);
+        blobs.remove("orphan").unwrap();
+        assert!(dir.path().join("kept").exists());
+        assert!(
+            dir.path().join("fresh-orphan").exists(),
+            "may be an upload in flight"
+        );
+        assert!(!dir.path().join("orphan").exists());
+        assert!(!dir.path().join("tmp/crashed-upload").exists());
+    }
+
+    #[test]
+    fn utf8_is_checked_across_any_split() {
+        let text = "aé€😀 end".as_bytes();
+        for cut in 0..=text.len() {
+            for second in cut..=text.len() {
+                let mut stream = Utf8Stream::default();
+                stream.feed(&text[..cut]);
+                stream.feed(&text[cut..second]);
+                stream.feed(&text[second..]);
+                assert_eq!(stream.result(), Ok(()), "split at {cut}/{second}");
+            }
+        }
+        // An invalid byte is found wherever the pieces are cut, at its true offset.
+        let mut bad = "aé€".as_bytes().to_vec();
+        bad.push(0xff);
+        bad.extend_from_slice(b"tail");
+        for cut in 0..=bad.len() {
+            let mut stream = Utf8Stream::default();
+            stream.feed(&bad[..cut]);
+            stream.feed(&bad[cut..]);
+            assert_eq!(stream.result(), Err(6), "split at {cut}");
+        }
+        // A character cut off at the very end is not text.
+        let mut stream = Utf8Stream::default();
+        stream.feed(&"€".as_bytes()[..2]);
+        assert_eq!(stream.result(), Err(0));
+        let mut stream = Utf8Stream::default();
+        stream.feed(b" \n\t");
+        assert!(!stream.content);
+        stream.feed(b"\0");
+        assert!(stream.nul && stream.content);
     }
 }

@@ -5,27 +5,39 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use smartdb_kit::context::CallContext;
+use smartdb_kit::limits::{self, Limits};
 use smartdb_proto::v1 as pb;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobStore, BlobWriter};
 use crate::downstream::Downstream;
 use crate::error::{Error, Result};
 use crate::extract::{self, ContentType};
-use crate::store::{self, Document, Inserted, KnowledgeBase, Status, Store};
-use crate::worker;
+use crate::store::{self, Document, Inserted, KnowledgeBase, Reservation, Retried, Status, Store};
+use crate::worker::{self, JobSettings};
 
-/// Limits on what callers may send.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest document accepted, in bytes.
-    pub max_document_bytes: usize,
+/// How a document arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// As text (`IngestText`): it is text by definition; only its format is chosen.
+    Text,
+    /// As a file (`UploadDocument`): its type is sniffed from the bytes.
+    File,
 }
 
-/// A document as submitted.
-#[derive(Debug, Clone, Default)]
+impl Arrival {
+    /// Prefix of the request fields that describe the document (`header.` for uploads).
+    fn field(self, name: &str) -> String {
+        match self {
+            Arrival::Text => name.to_owned(),
+            Arrival::File => format!("header.{name}"),
+        }
+    }
+}
+
+/// What a caller says about a new document, before its bytes.
+#[derive(Debug, Clone)]
 pub struct NewDocument {
     /// Knowledge base name.
     pub knowledge_base: String,
@@ -37,8 +49,35 @@ pub struct NewDocument {
     pub metadata: BTreeMap<String, String>,
     /// The caller's word on plain text vs Markdown.
     pub format: Option<ContentType>,
-    /// The original bytes.
-    pub bytes: Vec<u8>,
+    /// How it arrives.
+    pub arrival: Arrival,
+}
+
+/// An upload in progress: checked, holding one of the bounded upload slots, its bytes streaming
+/// to a temp file. Dropped before [`Catalog::finish_upload`], nothing is stored.
+pub struct Upload {
+    kb: KnowledgeBase,
+    new: NewDocument,
+    writer: BlobWriter,
+    max_bytes: usize,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Upload {
+    /// Appends the next piece of the document's bytes.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let total = self.writer.size() as usize + bytes.len();
+        if total > self.max_bytes {
+            return Err(Error::ResourceExhausted {
+                message: format!(
+                    "document is larger than the limit of {} bytes (max-document-mb)",
+                    self.max_bytes
+                ),
+                retry_after: None,
+            });
+        }
+        self.writer.write(bytes).await
+    }
 }
 
 /// The catalog: every operation on knowledge bases and documents.
@@ -48,14 +87,10 @@ pub struct Catalog {
     pub(crate) downstream: Arc<Downstream>,
     /// Wakes the workers when a job is added.
     pub(crate) jobs_added: Arc<Notify>,
-    limits: Limits,
+    pub(crate) jobs: JobSettings,
+    limits: Arc<Limits>,
+    uploads: Arc<Semaphore>,
 }
-
-const MAX_PAGE: usize = 1000;
-const DEFAULT_PAGE: usize = 50;
-const MAX_METADATA_ENTRIES: usize = 64;
-const MAX_METADATA_KEY: usize = 128;
-const MAX_METADATA_VALUE: usize = 1024;
 
 impl Catalog {
     /// A catalog over its store, originals and downstream services.
@@ -64,13 +99,16 @@ impl Catalog {
         blobs: BlobStore,
         downstream: Arc<Downstream>,
         limits: Limits,
+        jobs: JobSettings,
     ) -> Self {
         Self {
             store,
             blobs,
             downstream,
             jobs_added: Arc::new(Notify::new()),
-            limits,
+            jobs,
+            uploads: Arc::new(Semaphore::new(limits.concurrent_uploads.max(1))),
+            limits: Arc::new(limits),
         }
     }
 
@@ -82,6 +120,11 @@ impl Catalog {
     // ---- knowledge bases ----
 
     /// Creates a knowledge base and its collection in the index.
+    ///
+    /// The name is reserved in the catalog first, then the collection is made, then the
+    /// knowledge base turns ready. A create interrupted in between (crash, timeout) is finished
+    /// by the next create of the same name, and an orphaned collection left by one is reused, so
+    /// no name is ever blocked; a create whose knowledge base is ready answers ALREADY_EXISTS.
     pub async fn create_kb(
         &self,
         ctx: &CallContext,
@@ -90,22 +133,12 @@ impl Catalog {
         model: &str,
     ) -> Result<KnowledgeBase> {
         validate_kb_name("name", name)?;
-        if description.len() > 4096 {
-            return Err(Error::invalid("description", "at most 4096 bytes"));
-        }
-        let (tenant, lookup) = (ctx.tenant.clone(), name.to_owned());
-        if self
-            .store
-            .call(move |c| store::find_kb(c, &tenant, &lookup))
-            .await?
-            .is_some()
-        {
-            return Err(Error::AlreadyExists(format!(
-                "knowledge base {name:?} already exists"
-            )));
-        }
+        limits::check_len(description, self.limits.description_bytes)
+            .map_err(|m| Error::invalid("description", m))?;
+        limits::check_len(model, limits::ID_BYTES)
+            .map_err(|m| Error::invalid("embedding_model", m))?;
         let info = self.downstream.model_info(ctx, model).await?;
-        let kb = KnowledgeBase {
+        let fresh = KnowledgeBase {
             id: uuid::Uuid::new_v4().to_string(),
             tenant: ctx.tenant.clone(),
             name: name.to_owned(),
@@ -114,9 +147,23 @@ impl Catalog {
             dimension: info.dimension,
             create_time: store::now_ms(),
             document_count: 0,
+            ready: false,
         };
-        // The collection first: a catalog row must never point at a collection that is missing.
-        self.downstream
+        let row = fresh.clone();
+        let mut kb = match self.store.call(move |c| store::reserve_kb(c, &row)).await? {
+            Reservation::New => fresh,
+            Reservation::Unfinished(earlier) => {
+                tracing::info!(kb = %name, id = %earlier.id, "finishing an interrupted create");
+                earlier
+            }
+            Reservation::Taken => {
+                return Err(Error::AlreadyExists(format!(
+                    "knowledge base {name:?} already exists"
+                )));
+            }
+        };
+        let created = self
+            .downstream
             .create_collection(
                 ctx,
                 pb::CreateCollectionRequest {
@@ -126,13 +173,34 @@ impl Catalog {
                     embedding_model: kb.embedding_model.clone(),
                 },
             )
-            .await?;
-        let row = kb.clone();
-        if let Err(err) = self.store.call(move |c| store::insert_kb(c, &row)).await {
-            // Lost a race for the name: drop the collection we made.
-            let _ = self.downstream.delete_collection(ctx, &kb.id).await;
-            return Err(err);
+            .await;
+        let collection_id = match created {
+            Ok(id) => id,
+            Err(err) => {
+                if !err.is_transient() {
+                    // Will never work as asked: free the name again.
+                    let id = kb.id.clone();
+                    let _ = self
+                        .store
+                        .call(move |c| store::drop_reservation(c, &id))
+                        .await;
+                }
+                return Err(err);
+            }
+        };
+        let (reserved, serving) = (kb.id.clone(), collection_id.clone());
+        if !self
+            .store
+            .call(move |c| store::activate_kb(c, &reserved, &serving))
+            .await?
+        {
+            // A concurrent create of the same name finished it first.
+            return Err(Error::AlreadyExists(format!(
+                "knowledge base {name:?} already exists"
+            )));
         }
+        kb.id = collection_id;
+        kb.ready = true;
         tracing::info!(kb = %kb.name, id = %kb.id, tenant = %kb.tenant, "knowledge base created");
         Ok(kb)
     }
@@ -146,6 +214,12 @@ impl Catalog {
     ) -> Result<KnowledgeBase> {
         if name.trim().is_empty() {
             return Err(Error::invalid(field, "is required"));
+        }
+        if name.len() > limits::KB_NAME_BYTES {
+            return Err(Error::invalid(
+                field,
+                format!("{} bytes, at most {}", name.len(), limits::KB_NAME_BYTES),
+            ));
         }
         let (tenant, lookup) = (ctx.tenant.clone(), name.to_owned());
         self.store
@@ -161,13 +235,19 @@ impl Catalog {
         page_size: u32,
         token: &str,
     ) -> Result<(Vec<KnowledgeBase>, String)> {
-        let limit = page_limit(page_size)?;
+        let limit = self.page_limit(page_size, token)?;
         let (tenant, after) = (ctx.tenant.clone(), token.to_owned());
         let mut page = self
             .store
             .call(move |c| store::list_kbs(c, &tenant, &after, limit + 1))
             .await?;
-        let next = next_token(&mut page, limit, |kb| kb.name.clone());
+        let next = next_token(
+            &mut page,
+            limit,
+            self.limits.list_page_bytes(),
+            kb_size,
+            |kb| kb.name.clone(),
+        );
         Ok((page, next))
     }
 
@@ -179,6 +259,7 @@ impl Catalog {
         let id = kb.id.clone();
         let removed = self.store.call(move |c| store::delete_kb(c, &id)).await?;
         for doc in &removed {
+            // A file left behind here is collected by the sweep.
             if let Err(err) = self.blobs.remove(doc) {
                 tracing::warn!(document = %doc, error = %err, "could not remove original");
             }
@@ -189,38 +270,69 @@ impl Catalog {
 
     // ---- documents ----
 
-    /// Stores a document durably and queues it for indexing; returns it and whether the same
-    /// bytes were already there.
-    pub async fn add_document(
-        &self,
-        ctx: &CallContext,
-        new: NewDocument,
-    ) -> Result<(Document, bool)> {
+    /// Checks a new document's description and takes one of the bounded upload slots; its bytes
+    /// then stream through the returned [`Upload`].
+    pub async fn begin_upload(&self, ctx: &CallContext, new: NewDocument) -> Result<Upload> {
         let kb = self
-            .get_kb(ctx, "knowledge_base", &new.knowledge_base)
+            .get_kb(
+                ctx,
+                &new.arrival.field("knowledge_base"),
+                &new.knowledge_base,
+            )
             .await?;
-        validate_metadata(&new.metadata)?;
-        if new.title.len() > 1024 {
-            return Err(Error::invalid("title", "at most 1024 bytes"));
-        }
-        if new.bytes.len() > self.limits.max_document_bytes {
-            return Err(Error::ResourceExhausted {
+        let field = |name| new.arrival.field(name);
+        limits::check_len(&new.title, self.limits.title_bytes)
+            .map_err(|m| Error::invalid(field("title"), m))?;
+        limits::check_len(&new.source_name, self.limits.source_name_bytes)
+            .map_err(|m| Error::invalid(field("source_name"), m))?;
+        self.limits
+            .check_metadata(new.metadata.iter())
+            .map_err(|(f, m)| Error::invalid(new.arrival.field(&f), m))?;
+        let slot = self.uploads.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted {
                 message: format!(
-                    "document is {} bytes, the limit is {} bytes",
-                    new.bytes.len(),
-                    self.limits.max_document_bytes
+                    "too many uploads in progress (limit-concurrent-uploads = {}); retry shortly",
+                    self.limits.concurrent_uploads
                 ),
-                retry_after: None,
-            });
-        }
-        let content_type = extract::sniff(&new.bytes, &new.source_name, new.format)?;
-        let sha256 = hex::encode(Sha256::digest(&new.bytes));
+                retry_after: Some(Duration::from_secs(1)),
+            }
+        })?;
+        let writer = self.blobs.writer().await?;
+        Ok(Upload {
+            kb,
+            new,
+            writer,
+            max_bytes: self.limits.document_bytes(),
+            _slot: slot,
+        })
+    }
+
+    /// Stores an upload durably and queues it for indexing; returns the document and whether
+    /// the same bytes were already there.
+    pub async fn finish_upload(&self, upload: Upload) -> Result<(Document, bool)> {
+        let Upload {
+            kb,
+            new,
+            mut writer,
+            ..
+        } = upload;
+        let written = writer.finish().await?;
+        let content_type = match new.arrival {
+            Arrival::File => extract::sniff(&written, &new.source_name, new.format)?,
+            Arrival::Text => new.format.unwrap_or_else(|| {
+                if extract::looks_like_markdown(&String::from_utf8_lossy(&written.prefix)) {
+                    ContentType::Markdown
+                } else {
+                    ContentType::Plain
+                }
+            }),
+        };
         let title = if !new.title.trim().is_empty() {
             new.title.trim().to_owned()
         } else if !new.source_name.is_empty() {
             new.source_name.clone()
         } else {
-            extract::title_from_text(std::str::from_utf8(&new.bytes).unwrap_or_default())
+            extract::title_from_text(&String::from_utf8_lossy(&written.prefix))
         };
         let now = store::now_ms();
         let doc = Document {
@@ -229,8 +341,8 @@ impl Catalog {
             title,
             source_name: new.source_name,
             content_type: content_type.as_str().to_owned(),
-            size_bytes: new.bytes.len() as u64,
-            sha256,
+            size_bytes: written.size,
+            sha256: written.sha256,
             status: Status::Queued,
             error: String::new(),
             chunk_count: 0,
@@ -240,11 +352,8 @@ impl Catalog {
             create_time: now,
             update_time: now,
         };
-        // Original on disk before the row that points at it is committed.
-        let (blobs, id, bytes) = (self.blobs.clone(), doc.id.clone(), new.bytes);
-        tokio::task::spawn_blocking(move || blobs.put(&id, &bytes))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
+        // The original is in place before the row that points at it is committed.
+        writer.commit(&doc.id).await?;
         let row = doc.clone();
         let inserted = self.store.call(move |c| store::insert_doc(c, &row)).await;
         match inserted {
@@ -272,9 +381,8 @@ impl Catalog {
     /// it as it then is.
     pub async fn wait_indexed(&self, ctx: &CallContext, document: Document) -> Result<Document> {
         let mut doc = document;
-        // Without a deadline, wait at most this long.
         let budget = ctx
-            .remaining(Duration::from_secs(300))
+            .remaining(self.limits.upload_deadline)
             .saturating_sub(Duration::from_millis(250));
         let until = tokio::time::Instant::now() + budget;
         while !doc.status.is_terminal() && tokio::time::Instant::now() < until {
@@ -299,6 +407,7 @@ impl Catalog {
         if id.trim().is_empty() {
             return Err(Error::invalid("document_id", "is required"));
         }
+        limits::check_len(id, limits::ID_BYTES).map_err(|m| Error::invalid("document_id", m))?;
         let (kb_id, doc_id) = (kb.id.clone(), id.to_owned());
         let doc = self
             .store
@@ -321,14 +430,52 @@ impl Catalog {
         token: &str,
     ) -> Result<(KnowledgeBase, Vec<Document>, String)> {
         let kb = self.get_kb(ctx, "knowledge_base", kb_name).await?;
-        let limit = page_limit(page_size)?;
+        let limit = self.page_limit(page_size, token)?;
         let (kb_id, after) = (kb.id.clone(), token.to_owned());
         let mut page = self
             .store
             .call(move |c| store::list_docs(c, &kb_id, &after, limit + 1))
             .await?;
-        let next = next_token(&mut page, limit, |d| d.id.clone());
+        let next = next_token(
+            &mut page,
+            limit,
+            self.limits.list_page_bytes(),
+            doc_size,
+            |d| d.id.clone(),
+        );
         Ok((kb, page, next))
+    }
+
+    /// Queues a FAILED document again from its stored original (no new upload needed).
+    pub async fn retry_document(
+        &self,
+        ctx: &CallContext,
+        kb_name: &str,
+        id: &str,
+    ) -> Result<Document> {
+        let (kb, doc) = self.get_document(ctx, kb_name, id).await?;
+        let (kb_id, doc_id) = (kb.id.clone(), doc.id.clone());
+        match self
+            .store
+            .call(move |c| store::retry_doc(c, &kb_id, &doc_id))
+            .await?
+        {
+            Some(Retried::Queued(doc)) => {
+                self.jobs_added.notify_waiters();
+                tracing::info!(document = %doc.id, "failed document queued again");
+                Ok(doc)
+            }
+            Some(Retried::NotFailed(doc)) => Err(Error::FailedPrecondition(format!(
+                "document {} is {}; only FAILED documents can be retried",
+                doc.id,
+                pb::DocumentStatus::try_from(doc.status as i32)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("in progress")
+            ))),
+            None => Err(Error::NotFound(format!(
+                "document {id:?} not found in knowledge base {kb_name:?}"
+            ))),
+        }
     }
 
     /// Deletes a document and every one of its chunks. Done at once unless a worker is indexing
@@ -342,11 +489,12 @@ impl Catalog {
     ) -> Result<Option<u32>> {
         let (_kb, doc) = self.get_document(ctx, kb_name, id).await?;
         let doc_id = doc.id.clone();
+        let lease = self.jobs.lease_ms();
         let job = self
             .store
             .call(move |c| {
                 store::mark_deleting(c, &doc_id)?;
-                store::claim_job(c, worker::LEASE_MS, Some(&doc_id))
+                store::claim_job(c, lease, u32::MAX, Some(&doc_id))
             })
             .await?;
         match job {
@@ -356,7 +504,14 @@ impl Catalog {
                     // The delete is recorded; a worker finishes it when the index is back.
                     tracing::warn!(document = %job.document_id, error = %err, "delete deferred");
                     self.store
-                        .call(move |c| store::release_job(c, &job, 1000))
+                        .call(move |c| {
+                            store::release_job(
+                                c,
+                                &job,
+                                1000,
+                                store::Release::GiveBack { outage: true },
+                            )
+                        })
                         .await?;
                     self.jobs_added.notify_waiters();
                     Ok(None)
@@ -368,6 +523,44 @@ impl Catalog {
                 Ok(None)
             }
         }
+    }
+
+    /// Removes originals and temp files that no document points at and that are older than
+    /// `grace`; returns how many were removed.
+    pub async fn collect_garbage(&self, grace: Duration) -> Result<usize> {
+        let blobs = self.blobs.clone();
+        let (removed, candidates) = tokio::task::spawn_blocking(move || blobs.sweep_start(grace))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        let ids = candidates.clone();
+        let referenced = self
+            .store
+            .call(move |c| store::existing_docs(c, &ids))
+            .await?;
+        let blobs = self.blobs.clone();
+        let orphans: Vec<String> = candidates
+            .into_iter()
+            .filter(|id| !referenced.contains(id))
+            .collect();
+        let count = orphans.len();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            for id in orphans {
+                tracing::info!(original = %id, "removing an original no document points at");
+                blobs.remove(&id)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(removed + count)
+    }
+
+    fn page_limit(&self, page_size: u32, token: &str) -> Result<usize> {
+        limits::check_len(token, limits::ID_BYTES.max(limits::KB_NAME_BYTES))
+            .map_err(|m| Error::invalid("page_token", m))?;
+        self.limits
+            .page_size(page_size)
+            .map_err(|m| Error::invalid("page_size", m))
     }
 }
 
@@ -383,56 +576,58 @@ fn validate_kb_name(field: &str, name: &str) -> Result<()> {
     let ok_rest = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if name.len() > 63 || !ok_first || !ok_rest {
+    if name.len() > limits::KB_NAME_BYTES || !ok_first || !ok_rest {
         return Err(Error::invalid(
             field,
             format!(
-                "{name:?} is not a valid name: use 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or digit"
+                "{:?} is not a valid name: use 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or digit",
+                limits::truncate(name, 80)
             ),
         ));
     }
     Ok(())
 }
 
-fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
-    if metadata.len() > MAX_METADATA_ENTRIES {
-        return Err(Error::invalid(
-            "metadata",
-            format!("{} entries, at most {MAX_METADATA_ENTRIES}", metadata.len()),
-        ));
-    }
-    for (key, value) in metadata {
-        if key.is_empty() || key.len() > MAX_METADATA_KEY {
-            return Err(Error::invalid(
-                "metadata",
-                format!("key {key:?} must be 1 to {MAX_METADATA_KEY} bytes"),
-            ));
-        }
-        if value.len() > MAX_METADATA_VALUE {
-            return Err(Error::invalid(
-                format!("metadata[{key}]"),
-                format!("value is longer than {MAX_METADATA_VALUE} bytes"),
-            ));
-        }
-    }
-    Ok(())
+/// Upper bound of a document's encoded size in a response.
+fn doc_size(doc: &Document) -> usize {
+    let metadata: usize = doc
+        .metadata
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 8)
+        .sum();
+    doc.title.len()
+        + doc.source_name.len()
+        + doc.error.len()
+        + doc.content_type.len()
+        + metadata
+        + 4 * limits::ID_BYTES
 }
 
-fn page_limit(page_size: u32) -> Result<usize> {
-    match page_size as usize {
-        0 => Ok(DEFAULT_PAGE),
-        n if n > MAX_PAGE => Err(Error::invalid(
-            "page_size",
-            format!("{n} is more than the maximum {MAX_PAGE}"),
-        )),
-        n => Ok(n),
-    }
+/// Upper bound of a knowledge base's encoded size in a response.
+fn kb_size(kb: &KnowledgeBase) -> usize {
+    kb.name.len() + kb.description.len() + kb.embedding_model.len() + 3 * limits::ID_BYTES
 }
 
-/// Trims a page fetched with one extra row and returns the token of the next page.
-fn next_token<T>(page: &mut Vec<T>, limit: usize, key: impl Fn(&T) -> String) -> String {
-    if page.len() > limit {
-        page.truncate(limit);
+/// Trims a page fetched with one extra row to at most `limit` items and `max_bytes` (but at
+/// least one item), and returns the token of the next page (empty on the last page).
+fn next_token<T>(
+    page: &mut Vec<T>,
+    limit: usize,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+    key: impl Fn(&T) -> String,
+) -> String {
+    let mut bytes = 0;
+    let mut keep = 0;
+    for item in page.iter().take(limit) {
+        bytes += size(item);
+        if keep > 0 && bytes > max_bytes {
+            break;
+        }
+        keep += 1;
+    }
+    if page.len() > keep {
+        page.truncate(keep);
         page.last().map(key).unwrap_or_default()
     } else {
         String::new()
@@ -453,22 +648,65 @@ mod tests {
     }
 
     #[test]
-    fn metadata_limits() {
-        let mut m = BTreeMap::new();
-        m.insert("team".to_owned(), "search".to_owned());
-        assert!(validate_metadata(&m).is_ok());
-        m.insert(String::new(), "x".to_owned());
-        assert!(validate_metadata(&m).is_err());
+    fn pages_end_at_the_item_limit_or_the_byte_budget() {
+        let mut page = vec![1, 2, 3];
+        assert_eq!(next_token(&mut page, 2, 100, |_| 1, |n| n.to_string()), "2");
+        assert_eq!(page, vec![1, 2]);
+        let mut page = vec![1];
+        assert_eq!(next_token(&mut page, 2, 100, |_| 1, |n| n.to_string()), "");
+        // Items of 40 bytes in a 100-byte budget: two per page, whatever the page size.
+        let mut page = vec![1, 2, 3, 4, 5];
+        assert_eq!(
+            next_token(&mut page, 4, 100, |_| 40, |n| n.to_string()),
+            "2"
+        );
+        assert_eq!(page, vec![1, 2]);
+        // One item larger than the budget still makes progress.
+        let mut page = vec![1, 2];
+        assert_eq!(next_token(&mut page, 4, 10, |_| 40, |n| n.to_string()), "1");
+        assert_eq!(page, vec![1]);
     }
 
     #[test]
-    fn pages_and_tokens() {
-        assert_eq!(page_limit(0).unwrap(), DEFAULT_PAGE);
-        assert!(page_limit(5000).is_err());
-        let mut page = vec![1, 2, 3];
-        assert_eq!(next_token(&mut page, 2, |n| n.to_string()), "2");
-        assert_eq!(page, vec![1, 2]);
-        let mut page = vec![1];
-        assert_eq!(next_token(&mut page, 2, |n| n.to_string()), "");
+    fn a_page_of_the_largest_documents_fits_in_a_message() {
+        let limits = Limits::default();
+        let metadata: BTreeMap<String, String> = (0..limits.metadata_entries)
+            .map(|i| {
+                (
+                    format!("{i:0>width$}", width = limits.metadata_key_bytes),
+                    "v".repeat(limits.metadata_value_bytes),
+                )
+            })
+            .collect();
+        let doc = Document {
+            id: uuid::Uuid::now_v7().to_string(),
+            kb_id: uuid::Uuid::new_v4().to_string(),
+            title: "t".repeat(limits.title_bytes),
+            source_name: "s".repeat(limits.source_name_bytes),
+            content_type: "text/plain".into(),
+            size_bytes: 1,
+            sha256: "0".repeat(64),
+            status: Status::Failed,
+            error: "e".repeat(limits::ERROR_BYTES),
+            chunk_count: 0,
+            max_chunk_count: 0,
+            metadata,
+            attempts: 0,
+            create_time: 0,
+            update_time: 0,
+        };
+        assert!(doc_size(&doc) <= limits.document_record_bytes());
+        let mut page = vec![doc; limits.max_page_size + 1];
+        let next = next_token(
+            &mut page,
+            limits.max_page_size,
+            limits.list_page_bytes(),
+            doc_size,
+            |d| d.id.clone(),
+        );
+        assert!(!next.is_empty());
+        let bytes: usize = page.iter().map(doc_size).sum();
+        assert!(bytes <= limits.list_page_bytes() && bytes < limits.message_bytes());
+        assert!(page.len() < limits.max_page_size, "{} items", page.len());
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use smartdb_kit::client::within;
 use smartdb_kit::context::CallContext;
 use smartdb_proto::v1 as pb;
 use tonic::transport::Channel;
@@ -14,28 +15,32 @@ use crate::error::{Error, Result};
 
 /// Texts per Embed call: large enough to batch well, small enough to fit any provider limit.
 pub const EMBED_BATCH: usize = 32;
-/// Points per UpsertPoints call.
-pub const UPSERT_BATCH: usize = 64;
-/// Time allowed for one downstream call when the caller set no deadline.
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Clients of embed-svc and search-svc.
 pub struct Downstream {
     embed: pb::embed_service_client::EmbedServiceClient<Channel>,
     index: pb::index_service_client::IndexServiceClient<Channel>,
     chunkers: Mutex<HashMap<String, Arc<Chunker>>>,
+    chunk_bytes: usize,
+    /// Deadline of one downstream call when the caller set none (a worker's calls): the
+    /// default deadline of the limits.
+    call_timeout: Duration,
 }
 
 impl Downstream {
-    /// Clients over the given channels.
-    pub fn new(embed: Channel, index: Channel) -> Self {
-        let max = smartdb_kit::server::MAX_MESSAGE_BYTES;
+    /// Clients over the given channels, with message limits from `limits`.
+    pub fn new(embed: Channel, index: Channel, limits: &smartdb_kit::limits::Limits) -> Self {
+        let max = limits.message_bytes();
         Self {
             embed: pb::embed_service_client::EmbedServiceClient::new(embed)
-                .max_decoding_message_size(max),
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
             index: pb::index_service_client::IndexServiceClient::new(index)
+                .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
             chunkers: Mutex::default(),
+            chunk_bytes: limits.chunk_bytes,
+            call_timeout: limits.default_deadline,
         }
     }
 
@@ -45,19 +50,19 @@ impl Downstream {
             pb::GetModelInfoRequest {
                 model: model.to_owned(),
             },
-            CALL_TIMEOUT,
+            self.call_timeout,
         );
-        let response = self
-            .embed
-            .clone()
-            .get_model_info(request)
-            .await
-            .map_err(|s| match s.code() {
-                tonic::Code::InvalidArgument => {
-                    Error::invalid("embedding_model", s.message().to_owned())
-                }
-                _ => Error::from_downstream("embed-svc", s),
-            })?;
+        let response = within(
+            self.call_timeout,
+            self.embed.clone().get_model_info(request),
+        )
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::InvalidArgument => {
+                Error::invalid("embedding_model", s.message().to_owned())
+            }
+            _ => Error::from_downstream("embed-svc", s),
+        })?;
         response
             .into_inner()
             .model
@@ -73,17 +78,19 @@ impl Downstream {
             pb::GetTokenizerRequest {
                 model: model.to_owned(),
             },
-            CALL_TIMEOUT,
+            self.call_timeout,
         );
-        let response = self
-            .embed
-            .clone()
-            .get_tokenizer(request)
+        let response = within(self.call_timeout, self.embed.clone().get_tokenizer(request))
             .await
             .map_err(|s| Error::from_downstream("embed-svc", s))?
             .into_inner();
+        let chunk_bytes = self.chunk_bytes;
         let chunker = tokio::task::spawn_blocking(move || {
-            Chunker::from_json(&response.tokenizer_json, response.max_input_tokens as usize)
+            Chunker::from_json(
+                &response.tokenizer_json,
+                response.max_input_tokens as usize,
+                chunk_bytes,
+            )
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
@@ -110,12 +117,9 @@ impl Downstream {
                     kind: pb::InputKind::Document as i32,
                     model: model.to_owned(),
                 },
-                CALL_TIMEOUT,
+                self.call_timeout,
             );
-            let response = self
-                .embed
-                .clone()
-                .embed(request)
+            let response = within(self.call_timeout, self.embed.clone().embed(request))
                 .await
                 .map_err(|s| Error::from_downstream("embed-svc", s))?;
             let embeddings = response.into_inner().embeddings;
@@ -131,18 +135,27 @@ impl Downstream {
         Ok(vectors)
     }
 
-    /// Creates a knowledge base's collection in the index.
+    /// Creates a knowledge base's collection in the index; returns the id of the collection
+    /// that now serves it (the requested one, or a reused orphan of the same name).
     pub async fn create_collection(
         &self,
         ctx: &CallContext,
         request: pb::CreateCollectionRequest,
-    ) -> Result<()> {
-        self.index
-            .clone()
-            .create_collection(ctx.request(request, CALL_TIMEOUT))
-            .await
-            .map_err(|s| Error::from_downstream("search-svc", s))?;
-        Ok(())
+    ) -> Result<String> {
+        let requested = request.knowledge_base_id.clone();
+        let mut index = self.index.clone();
+        let response = within(
+            self.call_timeout,
+            index.create_collection(ctx.request(request, self.call_timeout)),
+        )
+        .await
+        .map_err(|s| Error::from_downstream("search-svc", s))?
+        .into_inner();
+        Ok(if response.knowledge_base_id.is_empty() {
+            requested
+        } else {
+            response.knowledge_base_id
+        })
     }
 
     /// Drops a knowledge base's collection.
@@ -150,11 +163,13 @@ impl Downstream {
         let request = pb::DeleteCollectionRequest {
             knowledge_base_id: kb_id.to_owned(),
         };
-        self.index
-            .clone()
-            .delete_collection(ctx.request(request, CALL_TIMEOUT))
-            .await
-            .map_err(|s| Error::from_downstream("search-svc", s))?;
+        let mut index = self.index.clone();
+        within(
+            self.call_timeout,
+            index.delete_collection(ctx.request(request, self.call_timeout)),
+        )
+        .await
+        .map_err(|s| Error::from_downstream("search-svc", s))?;
         Ok(())
     }
 
@@ -167,16 +182,21 @@ impl Downstream {
     ) -> Result<()> {
         let mut points = points.into_iter().peekable();
         while points.peek().is_some() {
-            let batch: Vec<_> = points.by_ref().take(UPSERT_BATCH).collect();
+            let batch: Vec<_> = points
+                .by_ref()
+                .take(smartdb_kit::limits::UPSERT_BATCH)
+                .collect();
             let request = pb::UpsertPointsRequest {
                 knowledge_base_id: kb_id.to_owned(),
                 points: batch,
             };
-            self.index
-                .clone()
-                .upsert_points(ctx.request(request, CALL_TIMEOUT))
-                .await
-                .map_err(|s| Error::from_downstream("search-svc", s))?;
+            let mut index = self.index.clone();
+            within(
+                self.call_timeout,
+                index.upsert_points(ctx.request(request, self.call_timeout)),
+            )
+            .await
+            .map_err(|s| Error::from_downstream("search-svc", s))?;
         }
         Ok(())
     }
@@ -193,11 +213,13 @@ impl Downstream {
                 knowledge_base_id: kb_id.to_owned(),
                 point_ids: batch.to_vec(),
             };
-            self.index
-                .clone()
-                .delete_points(ctx.request(request, CALL_TIMEOUT))
-                .await
-                .map_err(|s| Error::from_downstream("search-svc", s))?;
+            let mut index = self.index.clone();
+            within(
+                self.call_timeout,
+                index.delete_points(ctx.request(request, self.call_timeout)),
+            )
+            .await
+            .map_err(|s| Error::from_downstream("search-svc", s))?;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use smartdb_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::catalog::{Catalog, NewDocument};
+use crate::catalog::{Arrival, Catalog, NewDocument, Upload};
 use crate::error::Error;
 use crate::extract::ContentType;
 use crate::store::{self, Document, KnowledgeBase};
@@ -61,19 +61,19 @@ impl CatalogGrpc {
         Self { catalog }
     }
 
-    /// Stores a document, optionally waits for indexing, and builds the response parts.
+    /// Finishes an upload, optionally waits for indexing, and builds the response parts.
     async fn ingest(
         &self,
         ctx: &CallContext,
-        new: NewDocument,
+        upload: Upload,
+        kb_name: &str,
         wait: bool,
     ) -> Result<(pb::Document, bool), Error> {
-        let kb_name = new.knowledge_base.clone();
-        let (mut doc, deduplicated) = self.catalog.add_document(ctx, new).await?;
+        let (mut doc, deduplicated) = self.catalog.finish_upload(upload).await?;
         if wait {
             doc = self.catalog.wait_indexed(ctx, doc).await?;
         }
-        Ok((doc_to_pb(&kb_name, doc), deduplicated))
+        Ok((doc_to_pb(kb_name, doc), deduplicated))
     }
 }
 
@@ -161,23 +161,28 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
             Some(Err(status)) => return Err(status),
             None => return Err(Error::invalid("header", "the upload stream was empty").into()),
         };
-        // Check the knowledge base before taking in the bytes.
-        self.catalog
-            .get_kb(&ctx, "header.knowledge_base", &header.knowledge_base)
+        let kb_name = header.knowledge_base.clone();
+        // Everything about the document is checked before its bytes are taken in.
+        let mut upload = self
+            .catalog
+            .begin_upload(
+                &ctx,
+                NewDocument {
+                    knowledge_base: header.knowledge_base,
+                    title: header.title,
+                    source_name: header.source_name,
+                    metadata: header.metadata.into_iter().collect(),
+                    format: None,
+                    arrival: Arrival::File,
+                },
+            )
             .await?;
-        let limit = self.catalog.limits().max_document_bytes;
-        let mut bytes = Vec::new();
+        // Pieces go to disk as they arrive. A stream that breaks off ends here with its error,
+        // and dropping the upload removes what was written: nothing is stored.
         while let Some(message) = stream.next().await {
             match message?.payload {
                 Some(pb::upload_document_request::Payload::Data(data)) => {
-                    if bytes.len() + data.len() > limit {
-                        return Err(Error::ResourceExhausted {
-                            message: format!("document is larger than the limit of {limit} bytes"),
-                            retry_after: None,
-                        }
-                        .into());
-                    }
-                    bytes.extend_from_slice(&data);
+                    upload.write(&data).await?;
                 }
                 Some(pb::upload_document_request::Payload::Header(_)) => {
                     return Err(Error::invalid(
@@ -189,15 +194,7 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
                 None => {}
             }
         }
-        let new = NewDocument {
-            knowledge_base: header.knowledge_base,
-            title: header.title,
-            source_name: header.source_name,
-            metadata: header.metadata.into_iter().collect(),
-            format: None,
-            bytes,
-        };
-        let (document, deduplicated) = self.ingest(&ctx, new, header.wait).await?;
+        let (document, deduplicated) = self.ingest(&ctx, upload, &kb_name, header.wait).await?;
         Ok(Response::new(pb::UploadDocumentResponse {
             document: Some(document),
             deduplicated,
@@ -213,6 +210,17 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
         if r.text.trim().is_empty() {
             return Err(Error::invalid("text", "must not be empty").into());
         }
+        if r.text.len() > self.catalog.limits().document_bytes() {
+            return Err(Error::ResourceExhausted {
+                message: format!(
+                    "text is {} bytes, the limit is {} bytes (max-document-mb)",
+                    r.text.len(),
+                    self.catalog.limits().document_bytes()
+                ),
+                retry_after: None,
+            }
+            .into());
+        }
         let format = match pb::TextFormat::try_from(r.format) {
             Ok(pb::TextFormat::Plain) => Some(ContentType::Plain),
             Ok(pb::TextFormat::Markdown) => Some(ContentType::Markdown),
@@ -223,15 +231,24 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
                 );
             }
         };
-        let new = NewDocument {
-            knowledge_base: r.knowledge_base,
-            title: r.title,
-            source_name: String::new(),
-            metadata: r.metadata.into_iter().collect(),
-            format,
-            bytes: r.text.into_bytes(),
-        };
-        let (document, deduplicated) = self.ingest(&ctx, new, r.wait).await?;
+        // Text that arrives as text is text: it is stored as given, never sniffed.
+        let mut upload = self
+            .catalog
+            .begin_upload(
+                &ctx,
+                NewDocument {
+                    knowledge_base: r.knowledge_base.clone(),
+                    title: r.title,
+                    source_name: String::new(),
+                    metadata: r.metadata.into_iter().collect(),
+                    format,
+                    arrival: Arrival::Text,
+                },
+            )
+            .await?;
+        upload.write(r.text.as_bytes()).await?;
+        drop(r.text);
+        let (document, deduplicated) = self.ingest(&ctx, upload, &r.knowledge_base, r.wait).await?;
         Ok(Response::new(pb::IngestTextResponse {
             document: Some(document),
             deduplicated,
@@ -281,6 +298,21 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
             .await?;
         Ok(Response::new(pb::DeleteDocumentResponse {
             deleted_chunks: removed.unwrap_or(0),
+        }))
+    }
+
+    async fn retry_document(
+        &self,
+        request: Request<pb::RetryDocumentRequest>,
+    ) -> Result<Response<pb::RetryDocumentResponse>, Status> {
+        let ctx = CallContext::from_request(&request);
+        let r = request.into_inner();
+        let doc = self
+            .catalog
+            .retry_document(&ctx, &r.knowledge_base, &r.document_id)
+            .await?;
+        Ok(Response::new(pb::RetryDocumentResponse {
+            document: Some(doc_to_pb(&r.knowledge_base, doc)),
         }))
     }
 }

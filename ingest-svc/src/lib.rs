@@ -15,9 +15,11 @@ pub mod worker;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use smartdb_kit::client::{ChannelOptions, channel};
-use smartdb_kit::config::ServerArgs;
-use smartdb_kit::server::{MAX_MESSAGE_BYTES, ServiceServer};
+use smartdb_kit::config::{ServerArgs, parse_duration};
+use smartdb_kit::server::ServiceServer;
 use smartdb_proto::v1::document_service_server::DocumentServiceServer;
 use smartdb_proto::v1::knowledge_base_service_server::KnowledgeBaseServiceServer;
 
@@ -41,9 +43,21 @@ pub struct Config {
     /// Indexing workers running at once.
     #[arg(long, env = "SMARTDB_INGEST_WORKERS", default_value_t = 2)]
     pub workers: usize,
-    /// Largest document accepted, in MiB.
-    #[arg(long, env = "SMARTDB_MAX_DOCUMENT_MB", default_value_t = 32)]
-    pub max_document_mb: usize,
+    /// How long a worker's claim on a job lasts without renewal: a job whose worker died is
+    /// taken up again after this.
+    #[arg(long, env = "SMARTDB_INGEST_LEASE", default_value = "60s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// Tries a document gets (a crash of its worker counts, an unavailable dependency does not)
+    /// before it is FAILED.
+    #[arg(long, env = "SMARTDB_INGEST_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// How often originals and temp files that no document points at are removed.
+    #[arg(long, env = "SMARTDB_INGEST_GC_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub gc_interval: Duration,
+    /// Test-only fault injection: a document whose text contains this string crashes the
+    /// process while it is parsed.
+    #[arg(long, env = "SMARTDB_TEST_CRASH_MARKER", hide = true)]
+    pub crash_marker: Option<String>,
 }
 
 /// Runs ingest-svc until `shutdown` resolves.
@@ -52,17 +66,34 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let data_dir = smartdb_kit::config::service_data_dir(config.data_dir.as_ref(), "ingest")?;
+    let limits = config.server.limits.clone();
+    limits.validate()?;
     let store = store::Store::open(&data_dir.join("catalog.db"))?;
     let blobs = blobs::BlobStore::open(&data_dir.join("originals"))?;
     let options = ChannelOptions::default();
     let downstream = Arc::new(downstream::Downstream::new(
         channel(&config.embed_addr, &options)?,
         channel(&config.search_addr, &options)?,
+        &limits,
     ));
-    let limits = catalog::Limits {
-        max_document_bytes: config.max_document_mb * 1024 * 1024,
+    let jobs = worker::JobSettings {
+        lease: config.lease,
+        max_attempts: config.max_attempts.max(1),
+        crash_marker: config.crash_marker.clone().filter(|m| !m.is_empty()),
     };
-    let catalog = Arc::new(catalog::Catalog::new(store, blobs, downstream, limits));
+    let catalog = Arc::new(catalog::Catalog::new(
+        store,
+        blobs,
+        downstream,
+        limits.clone(),
+        jobs,
+    ));
+    // Nothing is uploading yet: whatever a crashed process left behind can go now.
+    match catalog.collect_garbage(Duration::ZERO).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "removed leftovers of earlier crashes"),
+        Err(err) => tracing::warn!(error = %err, "cannot collect garbage"),
+    }
 
     let (stop_workers, stop_rx) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
@@ -73,22 +104,43 @@ pub async fn serve(
             stop_rx.clone(),
         )));
     }
+    let gc = {
+        let catalog = catalog.clone();
+        // Files younger than the longest upload may belong to one in flight.
+        let grace = limits.max_deadline.max(Duration::from_secs(3600));
+        let every = config.gc_interval.max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(err) = catalog.collect_garbage(grace).await {
+                    tracing::warn!(error = %err, "cannot collect garbage");
+                }
+            }
+        })
+    };
 
     let api = grpc::CatalogGrpc::new(catalog);
     let mut server = ServiceServer::new("ingest-svc").await;
-    server.add_service(KnowledgeBaseServiceServer::new(api.clone()));
+    let max = limits.message_bytes();
+    server.add_service(
+        KnowledgeBaseServiceServer::new(api.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
     server.add_service(
         DocumentServiceServer::new(api)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
     );
     let health = server.health();
     tokio::spawn(async move { health.set_serving().await });
     let result = server.run(&config.server, shutdown).await;
-    // Workers stop between jobs; an interrupted job is claimed again after its lease.
+    // Workers stop at once and give their jobs back, so a restart picks them up without
+    // waiting out the leases.
+    gc.abort();
     let _ = stop_workers.send(true);
     for worker in workers {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), worker).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
     }
     result
 }

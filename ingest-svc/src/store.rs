@@ -6,8 +6,16 @@
 //! expiry); a crashed worker's lease runs out and another claims the job again. A delete turns
 //! the row into a delete job without touching a running lease, so an index job and a delete job
 //! of one document never run at once.
+//!
+//! Every claim counts as an attempt. An attempt that ends because a dependency was unavailable
+//! is given back (waiting out an outage must not fail documents); one that ends because the
+//! worker died (its lease ran out) or because of the document itself is kept. An index job that
+//! has used up its attempts is not claimed again: its document is FAILED with the step it was
+//! last seen at, so a document that crashes its worker cannot crash-loop the service.
+//!
+//! The schema is versioned (`PRAGMA user_version`) and migrated at open; see [`MIGRATIONS`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -73,6 +81,8 @@ pub struct KnowledgeBase {
     pub create_time: i64,
     /// Documents in it (filled by reads).
     pub document_count: u64,
+    /// False while its create is unfinished (the name is reserved, the collection may not exist).
+    pub ready: bool,
 }
 
 /// A document row.
@@ -128,8 +138,10 @@ pub struct Job {
     pub kind: JobKind,
     /// Proof of the claim; completing with a stale token does nothing.
     pub lease_token: i64,
-    /// Claims so far, this one included.
+    /// Claims so far, this one included (given-back ones excluded).
     pub attempts: u32,
+    /// Consecutive attempts that ended in a dependency outage (for backoff).
+    pub outages: u32,
 }
 
 /// Outcome of inserting a document.
@@ -141,7 +153,9 @@ pub enum Inserted {
     Existing(Document),
 }
 
-const SCHEMA: &str = "
+/// Schema of the first release (0.1.0), which did not record a version. Written with
+/// `IF NOT EXISTS` so that applying it to a database of that release changes nothing.
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS knowledge_bases (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -182,6 +196,52 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (lease_until, not_before);
 ";
 
+/// Version 2:
+/// - knowledge bases get a `state`: a create first reserves the name (`creating`), then makes
+///   the collection, then turns `ready`; a create that crashed in between is resumed.
+/// - identical bytes may be stored again while the earlier copy is being deleted: uniqueness of
+///   (knowledge base, sha256) now ignores DELETING documents (SQLite cannot drop a table
+///   constraint, so the table is rebuilt).
+/// - jobs count their consecutive dependency outages apart from attempts (for backoff only).
+const SCHEMA_V2: &str = "
+ALTER TABLE knowledge_bases ADD COLUMN state TEXT NOT NULL DEFAULT 'ready';
+CREATE TABLE documents_v2 (
+    id TEXT PRIMARY KEY,
+    kb_id TEXT NOT NULL REFERENCES knowledge_bases(id) ON DELETE CASCADE,
+    title TEXT NOT NULL,
+    source_name TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    chunk_count INTEGER NOT NULL DEFAULT 0,
+    max_chunk_count INTEGER NOT NULL DEFAULT 0,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    create_time INTEGER NOT NULL,
+    update_time INTEGER NOT NULL
+);
+INSERT INTO documents_v2 SELECT id, kb_id, title, source_name, content_type, size_bytes, sha256,
+    status, error, chunk_count, max_chunk_count, metadata, attempts, create_time, update_time
+    FROM documents;
+DROP TABLE documents;
+ALTER TABLE documents_v2 RENAME TO documents;
+CREATE UNIQUE INDEX documents_content ON documents (kb_id, sha256) WHERE status != 7;
+CREATE INDEX documents_by_kb ON documents (kb_id, id);
+ALTER TABLE jobs ADD COLUMN outages INTEGER NOT NULL DEFAULT 0;
+";
+
+/// The catalog's migrations, oldest first; the database's `user_version` says how many ran.
+/// Append, never edit: a released database has run the ones before.
+pub fn migrations() -> rusqlite_migration::Migrations<'static> {
+    use rusqlite_migration::M;
+    rusqlite_migration::Migrations::new(vec![
+        M::up(SCHEMA_V1),
+        M::up(SCHEMA_V2).foreign_key_check(),
+    ])
+}
+
 /// Current time in Unix milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -197,15 +257,23 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the catalog at `path`.
+    /// Opens (creating if needed) the catalog at `path`, migrating it to the current schema.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a commit is on disk before we acknowledge an upload.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        // Foreign keys are off while migrating: rebuilding a table must not cascade deletes.
+        // (The bundled SQLite turns them on by default.)
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        migrations().to_latest(&mut conn).map_err(|e| {
+            Error::Internal(format!(
+                "cannot migrate the catalog {} to this release's schema: {e}",
+                path.display()
+            ))
+        })?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -229,6 +297,11 @@ impl Store {
     }
 }
 
+/// The schema version of the database at `path` (0: none yet, or the first release's).
+pub fn schema_version(conn: &Connection) -> Result<i64> {
+    Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+}
+
 // ---- knowledge bases ----
 
 fn kb_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KnowledgeBase> {
@@ -241,35 +314,79 @@ fn kb_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KnowledgeBase> {
         dimension: row.get(5)?,
         create_time: row.get(6)?,
         document_count: row.get::<_, i64>(7)? as u64,
+        ready: row.get::<_, String>(8)? == "ready",
     })
 }
 
 const KB_COLUMNS: &str =
     "k.id, k.tenant, k.name, k.description, k.embedding_model, k.dimension, k.create_time,
-    (SELECT COUNT(*) FROM documents d WHERE d.kb_id = k.id)";
+    (SELECT COUNT(*) FROM documents d WHERE d.kb_id = k.id), k.state";
 
-/// Inserts a knowledge base; `AlreadyExists` if the tenant has one with that name.
-pub fn insert_kb(conn: &Connection, kb: &KnowledgeBase) -> Result<()> {
-    let inserted = conn.execute(
-        "INSERT INTO knowledge_bases (id, tenant, name, description, embedding_model, dimension, create_time)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (tenant, name) DO NOTHING",
-        params![kb.id, kb.tenant, kb.name, kb.description, kb.embedding_model, kb.dimension, kb.create_time],
+/// What reserving a knowledge-base name found.
+#[derive(Debug)]
+pub enum Reservation {
+    /// The name was free and is now reserved for this (not yet ready) knowledge base.
+    New,
+    /// An earlier create of the same name never finished; continue it with these settings.
+    Unfinished(KnowledgeBase),
+    /// A ready knowledge base has the name.
+    Taken,
+}
+
+/// Reserves `kb.name` for `kb` (state `creating`): the first step of a create.
+pub fn reserve_kb(conn: &mut Connection, kb: &KnowledgeBase) -> Result<Reservation> {
+    let tx = conn.transaction()?;
+    let existing = tx
+        .query_row(
+            &format!(
+                "SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.tenant = ?1 AND k.name = ?2"
+            ),
+            params![kb.tenant, kb.name],
+            kb_from_row,
+        )
+        .optional()?;
+    let outcome = match existing {
+        Some(existing) if existing.ready => Reservation::Taken,
+        Some(existing) => Reservation::Unfinished(existing),
+        None => {
+            tx.execute(
+                "INSERT INTO knowledge_bases (id, tenant, name, description, embedding_model, dimension, create_time, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'creating')",
+                params![kb.id, kb.tenant, kb.name, kb.description, kb.embedding_model, kb.dimension, kb.create_time],
+            )?;
+            Reservation::New
+        }
+    };
+    tx.commit()?;
+    Ok(outcome)
+}
+
+/// Finishes a create: the reservation `reserved_id` becomes the ready knowledge base with id
+/// `collection_id` (the index may have reused an orphaned collection under another id).
+/// False if the reservation is gone.
+pub fn activate_kb(conn: &Connection, reserved_id: &str, collection_id: &str) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE knowledge_bases SET id = ?2, state = 'ready' WHERE id = ?1 AND state = 'creating'",
+        params![reserved_id, collection_id],
     )?;
-    if inserted == 0 {
-        return Err(Error::AlreadyExists(format!(
-            "knowledge base {:?} already exists",
-            kb.name
-        )));
-    }
+    Ok(n == 1)
+}
+
+/// Drops an unfinished reservation (its create failed for good).
+pub fn drop_reservation(conn: &Connection, reserved_id: &str) -> Result<()> {
+    conn.execute(
+        "DELETE FROM knowledge_bases WHERE id = ?1 AND state = 'creating'",
+        params![reserved_id],
+    )?;
     Ok(())
 }
 
-/// Finds a tenant's knowledge base by name.
+/// Finds a tenant's ready knowledge base by name.
 pub fn find_kb(conn: &Connection, tenant: &str, name: &str) -> Result<Option<KnowledgeBase>> {
     Ok(conn
         .query_row(
             &format!(
-                "SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.tenant = ?1 AND k.name = ?2"
+                "SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.tenant = ?1 AND k.name = ?2 AND k.state = 'ready'"
             ),
             params![tenant, name],
             kb_from_row,
@@ -277,7 +394,7 @@ pub fn find_kb(conn: &Connection, tenant: &str, name: &str) -> Result<Option<Kno
         .optional()?)
 }
 
-/// Finds a knowledge base by id.
+/// Finds a knowledge base by id, whatever its state.
 pub fn kb_by_id(conn: &Connection, id: &str) -> Result<Option<KnowledgeBase>> {
     Ok(conn
         .query_row(
@@ -288,7 +405,7 @@ pub fn kb_by_id(conn: &Connection, id: &str) -> Result<Option<KnowledgeBase>> {
         .optional()?)
 }
 
-/// Lists a tenant's knowledge bases with names after `after`, in name order.
+/// Lists a tenant's ready knowledge bases with names after `after`, in name order.
 pub fn list_kbs(
     conn: &Connection,
     tenant: &str,
@@ -296,7 +413,8 @@ pub fn list_kbs(
     limit: usize,
 ) -> Result<Vec<KnowledgeBase>> {
     let mut stmt = conn.prepare(&format!(
-        "SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.tenant = ?1 AND k.name > ?2 ORDER BY k.name LIMIT ?3"
+        "SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.tenant = ?1 AND k.name > ?2 AND k.state = 'ready'
+         ORDER BY k.name LIMIT ?3"
     ))?;
     let rows = stmt.query_map(params![tenant, after, limit as i64], kb_from_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -383,35 +501,37 @@ pub fn list_docs(
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Which of `ids` are documents in the catalog (for garbage-collecting originals).
+pub fn existing_docs(conn: &Connection, ids: &[String]) -> Result<HashSet<String>> {
+    let mut stmt = conn.prepare("SELECT id FROM documents WHERE id = ?1")?;
+    let mut found = HashSet::new();
+    for id in ids {
+        if stmt.exists(params![id])? {
+            found.insert(id.clone());
+        }
+    }
+    Ok(found)
+}
+
 /// Stores a new document with its index job in one transaction, unless the same bytes are
-/// already in the knowledge base. A FAILED duplicate is queued again (that is how users retry).
+/// already in the knowledge base (and not on their way out: a copy being deleted does not
+/// count). A FAILED duplicate is queued again (one way users retry).
 pub fn insert_doc(conn: &mut Connection, doc: &Document) -> Result<Inserted> {
     let tx = conn.transaction()?;
     let existing = tx
         .query_row(
-            &format!("SELECT {DOC_COLUMNS} FROM documents WHERE kb_id = ?1 AND sha256 = ?2"),
-            params![doc.kb_id, doc.sha256],
+            &format!(
+                "SELECT {DOC_COLUMNS} FROM documents WHERE kb_id = ?1 AND sha256 = ?2 AND status != ?3"
+            ),
+            params![doc.kb_id, doc.sha256, Status::Deleting as i32],
             doc_from_row,
         )
         .optional()?;
-    if let Some(mut existing) = existing {
+    if let Some(existing) = existing {
         if existing.status == Status::Failed {
-            let now = now_ms();
-            tx.execute(
-                "UPDATE documents SET status = ?2, error = '', attempts = 0, update_time = ?3 WHERE id = ?1",
-                params![existing.id, Status::Queued as i32, now],
-            )?;
-            tx.execute(
-                "INSERT INTO jobs (document_id, kind, create_time) VALUES (?1, 'index', ?2)
-                 ON CONFLICT (document_id) DO NOTHING",
-                params![existing.id, now],
-            )?;
-            existing.status = Status::Queued;
-            existing.error.clear();
-            existing.attempts = 0;
-            existing.update_time = now;
+            let requeued = requeue(&tx, existing)?;
             tx.commit()?;
-            return Ok(Inserted::New(existing));
+            return Ok(Inserted::New(requeued));
         }
         return Ok(Inserted::Existing(existing));
     }
@@ -445,9 +565,59 @@ pub fn insert_doc(conn: &mut Connection, doc: &Document) -> Result<Inserted> {
     Ok(Inserted::New(doc.clone()))
 }
 
+/// Queues a FAILED document again from its stored original, with fresh attempts.
+fn requeue(tx: &rusqlite::Transaction<'_>, mut doc: Document) -> Result<Document> {
+    let now = now_ms();
+    tx.execute(
+        "UPDATE documents SET status = ?2, error = '', attempts = 0, update_time = ?3 WHERE id = ?1",
+        params![doc.id, Status::Queued as i32, now],
+    )?;
+    tx.execute(
+        "INSERT INTO jobs (document_id, kind, create_time) VALUES (?1, 'index', ?2)
+         ON CONFLICT (document_id) DO UPDATE SET kind = 'index', attempts = 0, outages = 0, not_before = 0",
+        params![doc.id, now],
+    )?;
+    doc.status = Status::Queued;
+    doc.error.clear();
+    doc.attempts = 0;
+    doc.update_time = now;
+    Ok(doc)
+}
+
+/// What asking to retry a document found.
+#[derive(Debug)]
+pub enum Retried {
+    /// It was FAILED and is queued again.
+    Queued(Document),
+    /// It is not FAILED (nothing to retry); here it is as it stands.
+    NotFailed(Document),
+}
+
+/// Queues a FAILED document again (`RetryDocument`), without a new upload.
+pub fn retry_doc(conn: &mut Connection, kb_id: &str, id: &str) -> Result<Option<Retried>> {
+    let tx = conn.transaction()?;
+    let Some(doc) = tx
+        .query_row(
+            &format!("SELECT {DOC_COLUMNS} FROM documents WHERE kb_id = ?1 AND id = ?2"),
+            params![kb_id, id],
+            doc_from_row,
+        )
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    if doc.status != Status::Failed {
+        return Ok(Some(Retried::NotFailed(doc)));
+    }
+    let doc = requeue(&tx, doc)?;
+    tx.commit()?;
+    Ok(Some(Retried::Queued(doc)))
+}
+
 /// Moves a document to `status` unless it is being deleted; false if it is gone or deleting
 /// (the worker then stops).
 pub fn set_status(conn: &Connection, id: &str, status: Status, error: &str) -> Result<bool> {
+    let error = smartdb_kit::limits::truncate(error, smartdb_kit::limits::ERROR_BYTES);
     let n = conn.execute(
         "UPDATE documents SET status = ?2, error = ?3, update_time = ?4 WHERE id = ?1 AND status != ?5",
         params![id, status as i32, error, now_ms(), Status::Deleting as i32],
@@ -475,7 +645,7 @@ pub fn mark_deleting(conn: &mut Connection, id: &str) -> Result<()> {
     )?;
     tx.execute(
         "INSERT INTO jobs (document_id, kind, create_time) VALUES (?1, 'delete', ?2)
-         ON CONFLICT (document_id) DO UPDATE SET kind = 'delete', not_before = 0, attempts = 0",
+         ON CONFLICT (document_id) DO UPDATE SET kind = 'delete', not_before = 0, attempts = 0, outages = 0",
         params![id, now],
     )?;
     tx.commit()?;
@@ -490,56 +660,107 @@ pub fn remove_doc(conn: &Connection, id: &str) -> Result<()> {
 
 // ---- jobs ----
 
+/// The life-cycle step a status stands for, as reported when a job gives up.
+fn step_name(status: Status) -> &'static str {
+    match status {
+        Status::Queued => "QUEUED",
+        Status::Parsing => "PARSING",
+        Status::Embedding => "EMBEDDING",
+        Status::Storing => "STORING",
+        Status::Indexed => "INDEXED",
+        Status::Failed => "FAILED",
+        Status::Deleting => "DELETING",
+    }
+}
+
 /// Claims the oldest runnable job: not leased (or lease expired) and not backing off.
+///
+/// An index job that was already claimed `max_attempts` times without finishing is not run
+/// again: its document becomes FAILED ("gave up after N attempts; last seen at step X") and the
+/// next job is considered. Delete jobs are never given up.
 pub fn claim_job(
     conn: &mut Connection,
     lease_ms: i64,
+    max_attempts: u32,
     only_document: Option<&str>,
 ) -> Result<Option<Job>> {
     let now = now_ms();
     let token: i64 = rand_token();
     let tx = conn.transaction()?;
-    let candidate: Option<(String, String, u32)> = match only_document {
-        Some(id) => tx
-            .query_row(
-                "SELECT document_id, kind, attempts FROM jobs WHERE document_id = ?1 AND lease_until <= ?2",
-                params![id, now],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?,
-        None => tx
-            .query_row(
-                "SELECT document_id, kind, attempts FROM jobs WHERE lease_until <= ?1 AND not_before <= ?1
-                 ORDER BY create_time LIMIT 1",
-                params![now],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?,
-    };
-    let Some((document_id, kind, attempts)) = candidate else {
-        return Ok(None);
-    };
-    tx.execute(
-        "UPDATE jobs SET lease_token = ?2, lease_until = ?3, attempts = attempts + 1 WHERE document_id = ?1",
-        params![document_id, token, now + lease_ms],
-    )?;
-    if kind == "index" {
+    loop {
+        let candidate: Option<(String, String, u32)> = match only_document {
+            Some(id) => tx
+                .query_row(
+                    "SELECT document_id, kind, attempts FROM jobs WHERE document_id = ?1 AND lease_until <= ?2",
+                    params![id, now],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?,
+            None => tx
+                .query_row(
+                    "SELECT document_id, kind, attempts FROM jobs WHERE lease_until <= ?1 AND not_before <= ?1
+                     ORDER BY create_time LIMIT 1",
+                    params![now],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?,
+        };
+        let Some((document_id, kind, attempts)) = candidate else {
+            tx.commit()?;
+            return Ok(None);
+        };
+        if kind == "index" && attempts >= max_attempts && only_document.is_none() {
+            let step: i32 = tx
+                .query_row(
+                    "SELECT status FROM documents WHERE id = ?1",
+                    params![document_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(Status::Queued as i32);
+            let reason = format!(
+                "gave up after {attempts} attempts; last seen at step {}",
+                step_name(Status::from_i32(step))
+            );
+            tracing::error!(document = %document_id, %reason, "indexing job given up");
+            tx.execute(
+                "UPDATE documents SET status = ?2, error = ?3, update_time = ?4 WHERE id = ?1 AND status != ?5",
+                params![document_id, Status::Failed as i32, reason, now, Status::Deleting as i32],
+            )?;
+            tx.execute(
+                "DELETE FROM jobs WHERE document_id = ?1",
+                params![document_id],
+            )?;
+            continue;
+        }
         tx.execute(
-            "UPDATE documents SET attempts = attempts + 1 WHERE id = ?1",
-            params![document_id],
+            "UPDATE jobs SET lease_token = ?2, lease_until = ?3, attempts = attempts + 1 WHERE document_id = ?1",
+            params![document_id, token, now + lease_ms],
         )?;
+        let outages: u32 = tx.query_row(
+            "SELECT outages FROM jobs WHERE document_id = ?1",
+            params![document_id],
+            |r| r.get(0),
+        )?;
+        if kind == "index" {
+            tx.execute(
+                "UPDATE documents SET attempts = attempts + 1 WHERE id = ?1",
+                params![document_id],
+            )?;
+        }
+        tx.commit()?;
+        return Ok(Some(Job {
+            document_id,
+            kind: if kind == "delete" {
+                JobKind::Delete
+            } else {
+                JobKind::Index
+            },
+            lease_token: token,
+            attempts: attempts + 1,
+            outages,
+        }));
     }
-    tx.commit()?;
-    Ok(Some(Job {
-        document_id,
-        kind: if kind == "delete" {
-            JobKind::Delete
-        } else {
-            JobKind::Index
-        },
-        lease_token: token,
-        attempts: attempts + 1,
-    }))
 }
 
 /// Extends a lease while a long job runs; false if the lease was lost.
@@ -563,17 +784,48 @@ pub fn complete_job(conn: &Connection, job: &Job) -> Result<()> {
         params![job.document_id, job.lease_token, kind],
     )?;
     if n == 0 {
-        release_job(conn, job, 0)?;
+        release_job(conn, job, 0, Release::Keep)?;
     }
     Ok(())
 }
 
+/// Whether releasing a job counts the attempt it was claimed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The attempt counts (the document's own failure).
+    Keep,
+    /// Not the document's fault: a dependency was unavailable (the outage is counted for
+    /// backoff), or the service is shutting down.
+    GiveBack {
+        /// True if a dependency outage ended the attempt.
+        outage: bool,
+    },
+}
+
 /// Gives a job back, runnable again after `delay_ms`.
-pub fn release_job(conn: &Connection, job: &Job, delay_ms: i64) -> Result<()> {
-    conn.execute(
-        "UPDATE jobs SET lease_until = 0, not_before = ?3 WHERE document_id = ?1 AND lease_token = ?2",
-        params![job.document_id, job.lease_token, now_ms() + delay_ms],
+pub fn release_job(conn: &Connection, job: &Job, delay_ms: i64, release: Release) -> Result<()> {
+    let (refund, outage) = match release {
+        Release::Keep => (0, 0),
+        Release::GiveBack { outage } => (1, i64::from(outage)),
+    };
+    let n = conn.execute(
+        "UPDATE jobs SET lease_until = 0, not_before = ?3, attempts = MAX(attempts - ?4, 0),
+             outages = CASE WHEN ?5 = 1 THEN outages + 1 ELSE outages END
+         WHERE document_id = ?1 AND lease_token = ?2",
+        params![
+            job.document_id,
+            job.lease_token,
+            now_ms() + delay_ms,
+            refund,
+            outage
+        ],
     )?;
+    if n == 1 && refund == 1 && job.kind == JobKind::Index {
+        conn.execute(
+            "UPDATE documents SET attempts = MAX(attempts - 1, 0) WHERE id = ?1",
+            params![job.document_id],
+        )?;
+    }
     Ok(())
 }
 
@@ -596,6 +848,8 @@ fn rand_token() -> i64 {
 mod tests {
     use super::*;
 
+    const MAX: u32 = 3;
+
     fn store() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("catalog.db")).unwrap();
@@ -617,7 +871,14 @@ mod tests {
             dimension: 3,
             create_time: now_ms(),
             document_count: 0,
+            ready: true,
         }
+    }
+
+    /// A ready knowledge base, the way a finished create leaves it.
+    fn insert_kb(conn: &mut Connection, kb: &KnowledgeBase) {
+        assert!(matches!(reserve_kb(conn, kb).unwrap(), Reservation::New));
+        assert!(activate_kb(conn, &kb.id, &kb.id).unwrap());
     }
 
     fn doc(kb_id: &str, sha: &str) -> Document {
@@ -640,26 +901,50 @@ mod tests {
         }
     }
 
+    fn expire_leases(conn: &Connection) {
+        conn.execute("UPDATE jobs SET lease_until = 1, not_before = 0", [])
+            .unwrap();
+    }
+
     #[test]
-    fn knowledge_base_names_are_unique_per_tenant() {
-        let (_d, conn) = store();
-        insert_kb(&conn, &kb("a")).unwrap();
+    fn knowledge_base_names_are_reserved_per_tenant_and_unfinished_creates_resume() {
+        let (_d, mut conn) = store();
+        let a = kb("a");
+        insert_kb(&mut conn, &a);
         assert!(matches!(
-            insert_kb(&conn, &kb("a")),
-            Err(Error::AlreadyExists(_))
+            reserve_kb(&mut conn, &kb("a")).unwrap(),
+            Reservation::Taken
         ));
         let mut other = kb("a");
         other.tenant = "u".into();
-        insert_kb(&conn, &other).unwrap();
+        insert_kb(&mut conn, &other);
         assert_eq!(list_kbs(&conn, "t", "", 10).unwrap().len(), 1);
         assert!(find_kb(&conn, "u", "a").unwrap().is_some());
+
+        // A create that stopped after reserving: invisible, and the next create resumes it.
+        let crashed = kb("b");
+        assert!(matches!(
+            reserve_kb(&mut conn, &crashed).unwrap(),
+            Reservation::New
+        ));
+        assert!(find_kb(&conn, "t", "b").unwrap().is_none());
+        assert_eq!(list_kbs(&conn, "t", "", 10).unwrap().len(), 1);
+        match reserve_kb(&mut conn, &kb("b")).unwrap() {
+            Reservation::Unfinished(found) => assert_eq!(found.id, crashed.id),
+            other => panic!("expected the unfinished create, got {other:?}"),
+        }
+        // The index answered with another (reused) collection id: the row takes it.
+        let reused = uuid::Uuid::new_v4().to_string();
+        assert!(activate_kb(&conn, &crashed.id, &reused).unwrap());
+        assert_eq!(find_kb(&conn, "t", "b").unwrap().unwrap().id, reused);
+        assert!(!activate_kb(&conn, &crashed.id, &reused).unwrap());
     }
 
     #[test]
     fn same_bytes_deduplicate_and_failed_ones_requeue() {
         let (_d, mut conn) = store();
         let k = kb("a");
-        insert_kb(&conn, &k).unwrap();
+        insert_kb(&mut conn, &k);
         let first = doc(&k.id, "abc");
         assert!(matches!(
             insert_doc(&mut conn, &first).unwrap(),
@@ -669,31 +954,61 @@ mod tests {
             Inserted::Existing(d) => assert_eq!(d.id, first.id),
             other => panic!("expected existing, got {other:?}"),
         }
-        let job = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
         set_status(&conn, &first.id, Status::Failed, "boom").unwrap();
         complete_job(&conn, &job).unwrap();
         match insert_doc(&mut conn, &doc(&k.id, "abc")).unwrap() {
             Inserted::New(d) => assert_eq!((d.id, d.status), (first.id.clone(), Status::Queued)),
             other => panic!("expected requeue, got {other:?}"),
         }
-        assert!(claim_job(&mut conn, 60_000, None).unwrap().is_some());
+        assert!(claim_job(&mut conn, 60_000, MAX, None).unwrap().is_some());
+    }
+
+    #[test]
+    fn identical_bytes_uploaded_during_a_delete_become_a_new_document() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&mut conn, &k);
+        let old = doc(&k.id, "same");
+        insert_doc(&mut conn, &old).unwrap();
+        mark_deleting(&mut conn, &old.id).unwrap();
+        let again = doc(&k.id, "same");
+        match insert_doc(&mut conn, &again).unwrap() {
+            Inserted::New(d) => assert_eq!(d.id, again.id),
+            other => panic!("a re-upload during a delete must be new, got {other:?}"),
+        }
+        // Both jobs exist: the delete of the old copy and the index job of the new one.
+        let kinds: Vec<String> = conn
+            .prepare("SELECT kind FROM jobs ORDER BY kind")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(kinds, ["delete", "index"]);
+        // Once the old copy is gone, the new one is the one a third upload finds.
+        remove_doc(&conn, &old.id).unwrap();
+        match insert_doc(&mut conn, &doc(&k.id, "same")).unwrap() {
+            Inserted::Existing(d) => assert_eq!(d.id, again.id),
+            other => panic!("expected the new copy, got {other:?}"),
+        }
     }
 
     #[test]
     fn leases_exclude_other_workers_until_they_expire() {
         let (_d, mut conn) = store();
         let k = kb("a");
-        insert_kb(&conn, &k).unwrap();
+        insert_kb(&mut conn, &k);
         insert_doc(&mut conn, &doc(&k.id, "x")).unwrap();
-        let job = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
         assert_eq!(job.attempts, 1);
         assert!(
-            claim_job(&mut conn, 60_000, None).unwrap().is_none(),
+            claim_job(&mut conn, 60_000, MAX, None).unwrap().is_none(),
             "leased job must not be claimed twice"
         );
         // A crashed worker: its lease expires and the job is claimed again.
-        conn.execute("UPDATE jobs SET lease_until = 1", []).unwrap();
-        let again = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        expire_leases(&conn);
+        let again = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
         assert_eq!(again.attempts, 2);
         // The stale worker's completion does nothing.
         complete_job(&conn, &job).unwrap();
@@ -702,27 +1017,117 @@ mod tests {
     }
 
     #[test]
+    fn a_job_whose_claims_keep_expiring_is_given_up_with_its_last_step() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&mut conn, &k);
+        let poison = doc(&k.id, "poison");
+        insert_doc(&mut conn, &poison).unwrap();
+        for attempt in 1..=MAX {
+            let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
+            assert_eq!(job.attempts, attempt);
+            set_status(&conn, &poison.id, Status::Parsing, "").unwrap();
+            // The worker dies here: nothing is released, the lease just runs out.
+            expire_leases(&conn);
+        }
+        let healthy = doc(&k.id, "healthy");
+        insert_doc(&mut conn, &healthy).unwrap();
+        let next = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
+        assert_eq!(
+            next.document_id, healthy.id,
+            "the poison job is not run again"
+        );
+        let failed = doc_by_id(&conn, &poison.id).unwrap().unwrap();
+        assert_eq!(failed.status, Status::Failed);
+        assert_eq!(
+            failed.error,
+            "gave up after 3 attempts; last seen at step PARSING"
+        );
+        assert!(claim_job(&mut conn, 60_000, MAX, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn outages_and_shutdowns_give_the_attempt_back() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&mut conn, &k);
+        let d = doc(&k.id, "x");
+        insert_doc(&mut conn, &d).unwrap();
+        // Far more outages than attempts allow: the job is still runnable.
+        for outage in 0..(MAX * 3) {
+            let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
+            assert_eq!((job.attempts, job.outages), (1, outage));
+            release_job(&conn, &job, 0, Release::GiveBack { outage: true }).unwrap();
+        }
+        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
+        release_job(&conn, &job, 0, Release::GiveBack { outage: false }).unwrap();
+        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
+        assert_eq!(job.attempts, 1);
+        assert_eq!(doc_by_id(&conn, &d.id).unwrap().unwrap().attempts, 1);
+        // A failure of the document itself counts.
+        release_job(&conn, &job, 0, Release::Keep).unwrap();
+        assert_eq!(
+            claim_job(&mut conn, 60_000, MAX, None)
+                .unwrap()
+                .unwrap()
+                .attempts,
+            2
+        );
+    }
+
+    #[test]
+    fn failed_documents_can_be_retried_without_a_new_upload() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&mut conn, &k);
+        let d = doc(&k.id, "x");
+        insert_doc(&mut conn, &d).unwrap();
+        assert!(matches!(
+            retry_doc(&mut conn, &k.id, &d.id).unwrap(),
+            Some(Retried::NotFailed(_))
+        ));
+        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
+        set_status(&conn, &d.id, Status::Failed, "embed-svc said no").unwrap();
+        complete_job(&conn, &job).unwrap();
+        match retry_doc(&mut conn, &k.id, &d.id).unwrap() {
+            Some(Retried::Queued(doc)) => {
+                assert_eq!((doc.status, doc.attempts), (Status::Queued, 0));
+                assert!(doc.error.is_empty());
+            }
+            other => panic!("expected a requeue, got {other:?}"),
+        }
+        assert_eq!(
+            claim_job(&mut conn, 60_000, MAX, None)
+                .unwrap()
+                .unwrap()
+                .document_id,
+            d.id
+        );
+        assert!(retry_doc(&mut conn, &k.id, "nope").unwrap().is_none());
+    }
+
+    #[test]
     fn delete_during_indexing_waits_for_the_lease_then_runs() {
         let (_d, mut conn) = store();
         let k = kb("a");
-        insert_kb(&conn, &k).unwrap();
+        insert_kb(&mut conn, &k);
         let d = doc(&k.id, "x");
         insert_doc(&mut conn, &d).unwrap();
-        let index_job = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        let index_job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
         mark_deleting(&mut conn, &d.id).unwrap();
         assert!(
             !set_status(&conn, &d.id, Status::Indexed, "").unwrap(),
             "deleting documents keep their status"
         );
         assert!(
-            claim_job(&mut conn, 60_000, None).unwrap().is_none(),
+            claim_job(&mut conn, 60_000, MAX, None).unwrap().is_none(),
             "delete waits for the running index job"
         );
         complete_job(&conn, &index_job).unwrap();
-        let delete_job = claim_job(&mut conn, 60_000, None).unwrap().unwrap();
+        let delete_job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
         assert_eq!(delete_job.kind, JobKind::Delete);
         remove_doc(&conn, &d.id).unwrap();
-        assert!(claim_job(&mut conn, 60_000, None).unwrap().is_none());
+        assert!(claim_job(&mut conn, 60_000, MAX, None).unwrap().is_none());
         assert!(doc_by_id(&conn, &d.id).unwrap().is_none());
     }
 
@@ -730,12 +1135,53 @@ mod tests {
     fn deleting_a_knowledge_base_removes_its_documents() {
         let (_d, mut conn) = store();
         let k = kb("a");
-        insert_kb(&conn, &k).unwrap();
+        insert_kb(&mut conn, &k);
         insert_doc(&mut conn, &doc(&k.id, "1")).unwrap();
         insert_doc(&mut conn, &doc(&k.id, "2")).unwrap();
         assert_eq!(find_kb(&conn, "t", "a").unwrap().unwrap().document_count, 2);
         assert_eq!(delete_kb(&mut conn, &k.id).unwrap().len(), 2);
         assert!(find_kb(&conn, "t", "a").unwrap().is_none());
-        assert!(claim_job(&mut conn, 1000, None).unwrap().is_none());
+        assert!(claim_job(&mut conn, 1000, MAX, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn migrations_are_valid_and_a_first_release_catalog_upgrades_in_place() {
+        migrations().validate().unwrap();
+        // A catalog as release 0.1.0 wrote it: its schema, no version, a document and its job.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO knowledge_bases VALUES ('k1', 'default', 'notes', '', 'm', 3, 1);
+                 INSERT INTO documents (id, kb_id, title, source_name, content_type, size_bytes,
+                     sha256, status, metadata, create_time, update_time)
+                     VALUES ('d1', 'k1', 'T', 'a.txt', 'text/plain', 5, 'aa', 1, '{\"k\":\"v\"}', 1, 1);
+                 INSERT INTO jobs (document_id, kind, create_time) VALUES ('d1', 'index', 1);",
+            )
+            .unwrap();
+            assert_eq!(schema_version(&conn).unwrap(), 0);
+        }
+        let store = Store::open(&path).unwrap();
+        let mut conn = Arc::try_unwrap(store.conn)
+            .ok()
+            .unwrap()
+            .into_inner()
+            .unwrap();
+        assert_eq!(schema_version(&conn).unwrap(), 2);
+        let kb = find_kb(&conn, "default", "notes").unwrap().unwrap();
+        assert!(kb.ready);
+        assert_eq!(kb.document_count, 1);
+        let d = doc_by_id(&conn, "d1").unwrap().unwrap();
+        assert_eq!(d.metadata["k"], "v");
+        // The job survived the table rebuild (no cascade) and still runs.
+        let job = claim_job(&mut conn, 1000, MAX, None).unwrap().unwrap();
+        assert_eq!(job.document_id, "d1");
+        // Reopening an up-to-date catalog changes nothing.
+        drop(conn);
+        let again = Store::open(&path).unwrap();
+        let conn = again.conn.lock().unwrap();
+        assert_eq!(schema_version(&conn).unwrap(), 2);
     }
 }

@@ -1,31 +1,60 @@
-//! Indexing workers: claim a job with a lease, do it, and record the outcome. A job that fails
-//! for a passing reason (a service down) is retried with exponential backoff and full jitter;
-//! one that can never succeed (no text) fails the document with the reason.
+//! Indexing workers: claim a job with a lease, do it, and record the outcome.
+//!
+//! - A dependency that is unavailable (embed-svc or search-svc down, overloaded, timing out)
+//!   does not count against the document: the job waits with exponential backoff and full
+//!   jitter, for as long as the outage lasts.
+//! - A failure of the document itself that can never succeed (no text, too many chunks) fails it
+//!   at once with the reason; other errors are retried until the attempts run out.
+//! - A worker that dies keeps its attempt: after enough of them the job is given up (see
+//!   [`store::claim_job`]), so a document that crashes its worker cannot crash-loop the service.
+//! - A worker that loses its lease stops; on shutdown, workers give their jobs back at once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use smartdb_kit::context::CallContext;
+use smartdb_kit::limits::UPSERT_BATCH;
 use smartdb_proto::v1 as pb;
+use tokio::sync::watch;
 
 use crate::catalog::Catalog;
 use crate::downstream::point_id;
 use crate::error::{Error, Result};
 use crate::extract::{self, ContentType};
-use crate::store::{self, Job, JobKind, Status};
+use crate::store::{self, Job, JobKind, Release, Status};
 
-/// How long a claim lasts without renewal; a crashed worker's job is retried after this.
-pub const LEASE_MS: i64 = 60_000;
-/// How often a running job renews its lease.
-const RENEW_EVERY: Duration = Duration::from_secs(15);
-/// Attempts before a document that keeps hitting passing failures is marked FAILED.
-const MAX_ATTEMPTS: u32 = 10;
-/// Deadline for all the downstream calls of one job.
-const JOB_BUDGET: Duration = Duration::from_secs(600);
+/// How jobs are run.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    /// How long a claim lasts without renewal; a crashed worker's job is retried after this.
+    pub lease: Duration,
+    /// Claims an index job may use before its document is FAILED.
+    pub max_attempts: u32,
+    /// Test-only fault injection: a document whose text contains this crashes its worker
+    /// (the whole process) while PARSING.
+    pub crash_marker: Option<String>,
+}
 
-/// Runs one worker until `stop` is notified.
-pub async fn run(catalog: Arc<Catalog>, id: usize, mut stop: tokio::sync::watch::Receiver<bool>) {
+impl JobSettings {
+    /// The lease in milliseconds.
+    pub fn lease_ms(&self) -> i64 {
+        self.lease.as_millis().max(1) as i64
+    }
+
+    fn renew_every(&self) -> Duration {
+        (self.lease / 3).max(Duration::from_millis(50))
+    }
+}
+
+/// Longest wait between tries while a dependency is unavailable.
+const MAX_OUTAGE_BACKOFF: Duration = Duration::from_secs(30);
+/// Wait before retrying a job that failed for another reason.
+const RETRY_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Runs one worker until `stop` turns true.
+pub async fn run(catalog: Arc<Catalog>, id: usize, mut stop: watch::Receiver<bool>) {
     tracing::debug!(worker = id, "indexing worker started");
+    let (lease, max_attempts) = (catalog.jobs.lease_ms(), catalog.jobs.max_attempts);
     loop {
         if *stop.borrow() {
             return;
@@ -35,11 +64,11 @@ pub async fn run(catalog: Arc<Catalog>, id: usize, mut stop: tokio::sync::watch:
         let notified = added.notified();
         match catalog
             .store
-            .call(|c| store::claim_job(c, LEASE_MS, None))
+            .call(move |c| store::claim_job(c, lease, max_attempts, None))
             .await
         {
             Ok(Some(job)) => {
-                process(&catalog, job).await;
+                process(&catalog, job, stop.clone()).await;
                 continue;
             }
             Ok(None) => {}
@@ -57,75 +86,174 @@ pub async fn run(catalog: Arc<Catalog>, id: usize, mut stop: tokio::sync::watch:
     }
 }
 
-async fn process(catalog: &Catalog, job: Job) {
-    // The claim context: tenant is the knowledge base's, filled in once we know it.
-    let renew = {
-        let store = catalog.store.clone();
-        let job = job.clone();
-        tokio::spawn(async move {
+/// How a claimed job ended.
+enum Ended {
+    Done(Result<()>),
+    LeaseLost,
+    Stopped,
+}
+
+async fn process(catalog: &Catalog, job: Job, mut stop: watch::Receiver<bool>) {
+    // Renews the lease while the job runs; resolves if the lease was lost (another worker took
+    // the job over after a stall): this worker must then stop touching it.
+    let keeper = {
+        let (store, job, lease, every) = (
+            catalog.store.clone(),
+            job.clone(),
+            catalog.jobs.lease_ms(),
+            catalog.jobs.renew_every(),
+        );
+        async move {
             loop {
-                tokio::time::sleep(RENEW_EVERY).await;
+                tokio::time::sleep(every).await;
                 let job = job.clone();
-                if !matches!(
-                    store
-                        .call(move |c| store::renew_lease(c, &job, LEASE_MS))
-                        .await,
-                    Ok(true)
-                ) {
-                    return;
+                match store
+                    .call(move |c| store::renew_lease(c, &job, lease))
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    // The catalog hiccuped: keep trying until the lease is really gone.
+                    Err(err) => tracing::warn!(error = %err, "cannot renew a job lease"),
                 }
             }
-        })
+        }
     };
-    let ctx = CallContext::background(smartdb_kit::context::DEFAULT_TENANT, JOB_BUDGET);
-    let outcome = match job.kind {
-        JobKind::Index => run_index(catalog, &job).await,
-        JobKind::Delete => run_delete(catalog, &ctx, &job).await.map(|_| ()),
+    let work = async {
+        match job.kind {
+            JobKind::Index => run_index(catalog, &job).await,
+            JobKind::Delete => {
+                let ctx = background(smartdb_kit::context::DEFAULT_TENANT);
+                run_delete(catalog, &ctx, &job).await.map(|_| ())
+            }
+        }
     };
-    renew.abort();
-    if let Err(err) = outcome {
-        fail_or_retry(catalog, &job, err).await;
+    let ended = tokio::select! {
+        result = work => Ended::Done(result),
+        () = keeper => Ended::LeaseLost,
+        _ = stop.wait_for(|s| *s) => Ended::Stopped,
+    };
+    match ended {
+        Ended::Done(Ok(())) => {}
+        Ended::Done(Err(err)) => fail_or_retry(catalog, &job, err).await,
+        Ended::LeaseLost => {
+            tracing::warn!(document = %job.document_id, "lost the job's lease; stopped working on it");
+        }
+        Ended::Stopped => {
+            // Shutting down: give the job back at once, so a restart does not wait out the lease.
+            let held = job.clone();
+            let released = catalog
+                .store
+                .call(move |c| store::release_job(c, &held, 0, Release::GiveBack { outage: false }))
+                .await;
+            match released {
+                Ok(()) => tracing::info!(document = %job.document_id, "job released for shutdown"),
+                Err(err) => tracing::warn!(error = %err, "cannot release a job at shutdown"),
+            }
+        }
     }
+}
+
+/// A context for a job's downstream calls: no overall deadline (a large document may take
+/// long), so each call gets the default per-call deadline.
+fn background(tenant: &str) -> CallContext {
+    let mut ctx = CallContext::background(tenant, Duration::ZERO);
+    ctx.deadline = None;
+    ctx
+}
+
+/// What a failed job's error says about retrying it.
+fn classify(err: &Error) -> Retry {
+    match err {
+        _ if err.is_transient() => Retry::Outage,
+        Error::InvalidArgument { .. } | Error::FailedPrecondition(_) | Error::NotFound(_) => {
+            Retry::Never
+        }
+        _ => Retry::Counted,
+    }
+}
+
+enum Retry {
+    /// A dependency is unavailable: wait, without using up an attempt.
+    Outage,
+    /// The document can never succeed as it is.
+    Never,
+    /// Try again while attempts last.
+    Counted,
+}
+
+/// Full jitter over an exponentially growing window (starting at 500 ms), capped.
+fn backoff(exponent: u32, cap: Duration) -> Duration {
+    let window = Duration::from_millis(500)
+        .saturating_mul(1u32 << exponent.min(16))
+        .min(cap);
+    window.mul_f64(rand::random::<f64>()) + Duration::from_millis(100)
 }
 
 async fn fail_or_retry(catalog: &Catalog, job: &Job, err: Error) {
     let job = job.clone();
-    let retry = err.is_transient() && job.attempts < MAX_ATTEMPTS;
     let message = err.to_string();
-    let result = if retry {
-        // Full jitter over an exponentially growing window, capped at a minute.
-        let window = 500u64.saturating_mul(1 << job.attempts.min(7)).min(60_000);
-        let delay = (rand_fraction() * window as f64) as i64 + 100;
-        tracing::warn!(document = %job.document_id, attempt = job.attempts, delay_ms = delay, error = %message, "job failed, will retry");
-        catalog
-            .store
-            .call(move |c| {
-                if job.kind == JobKind::Index {
-                    store::set_status(
-                        c,
-                        &job.document_id,
-                        Status::Queued,
-                        &format!("retrying: {message}"),
-                    )?;
-                }
-                store::release_job(c, &job, delay)
-            })
-            .await
-    } else {
-        tracing::error!(document = %job.document_id, error = %message, "job failed for good");
-        catalog
-            .store
-            .call(move |c| {
-                if job.kind == JobKind::Index {
-                    store::set_status(c, &job.document_id, Status::Failed, &message)?;
-                    store::complete_job(c, &job)
-                } else {
-                    // A delete must finish eventually: keep retrying it, slowly.
-                    store::release_job(c, &job, 60_000)
-                }
-            })
-            .await
+    let max_attempts = catalog.jobs.max_attempts;
+    let (release, delay, status) = match classify(&err) {
+        Retry::Outage => {
+            let delay = backoff(job.outages, MAX_OUTAGE_BACKOFF);
+            tracing::warn!(document = %job.document_id, outages = job.outages + 1, delay_ms = delay.as_millis() as u64, error = %message, "dependency unavailable, job waits");
+            (
+                Release::GiveBack { outage: true },
+                delay,
+                Some((
+                    Status::Queued,
+                    format!("waiting for a dependency: {message}"),
+                )),
+            )
+        }
+        Retry::Counted if job.attempts < max_attempts || job.kind == JobKind::Delete => {
+            let delay = backoff(job.attempts, RETRY_BACKOFF * 8);
+            tracing::warn!(document = %job.document_id, attempt = job.attempts, delay_ms = delay.as_millis() as u64, error = %message, "job failed, will retry");
+            (
+                Release::Keep,
+                delay,
+                Some((Status::Queued, format!("retrying: {message}"))),
+            )
+        }
+        Retry::Counted => {
+            let reason = format!(
+                "gave up after {} attempts; last error: {message}",
+                job.attempts
+            );
+            return fail(catalog, job, reason).await;
+        }
+        Retry::Never if job.kind == JobKind::Index => return fail(catalog, job, message).await,
+        Retry::Never => {
+            // A delete must finish eventually: keep retrying it, slowly.
+            tracing::error!(document = %job.document_id, error = %message, "delete failed, will retry");
+            (Release::Keep, Duration::from_secs(60), None)
+        }
     };
+    let delay_ms = delay.as_millis() as i64;
+    let result = catalog
+        .store
+        .call(move |c| {
+            if let (JobKind::Index, Some((status, reason))) = (job.kind, &status) {
+                store::set_status(c, &job.document_id, *status, reason)?;
+            }
+            store::release_job(c, &job, delay_ms, release)
+        })
+        .await;
+    if let Err(err) = result {
+        tracing::error!(error = %err, "cannot record job outcome");
+    }
+}
+
+async fn fail(catalog: &Catalog, job: Job, reason: String) {
+    tracing::error!(document = %job.document_id, error = %reason, "indexing failed for good");
+    let result = catalog
+        .store
+        .call(move |c| {
+            store::set_status(c, &job.document_id, Status::Failed, &reason)?;
+            store::complete_job(c, &job)
+        })
+        .await;
     if let Err(err) = result {
         tracing::error!(error = %err, "cannot record job outcome");
     }
@@ -147,7 +275,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     let Some((doc, kb)) = found else {
         return finish(catalog, job).await;
     };
-    let ctx = CallContext::background(kb.tenant.clone(), JOB_BUDGET);
+    let ctx = background(&kb.tenant);
     if !set_status(catalog, &doc.id, Status::Parsing).await? {
         return finish(catalog, job).await;
     }
@@ -156,6 +284,13 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
     let text = extract::text(&bytes)?;
+    drop(bytes);
+    if let Some(marker) = &catalog.jobs.crash_marker
+        && text.contains(marker.as_str())
+    {
+        tracing::error!(document = %doc.id, "fault injection: this document crashes its worker");
+        std::process::abort();
+    }
     let content_type = ContentType::parse(&doc.content_type).unwrap_or(ContentType::Plain);
     let chunker = catalog
         .downstream
@@ -166,6 +301,16 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         .map_err(|e| Error::Internal(e.to_string()))?;
     if chunks.is_empty() {
         return Err(Error::invalid("data", "the document has no text to index"));
+    }
+    let max_chunks = catalog.limits().chunks_per_document;
+    if chunks.len() > max_chunks {
+        return Err(Error::invalid(
+            "data",
+            format!(
+                "the document splits into {} chunks, more than the limit of {max_chunks} (limit-chunks-per-document)",
+                chunks.len()
+            ),
+        ));
     }
     let count = chunks.len() as u32;
     let doc_id = doc.id.clone();
@@ -183,23 +328,32 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     if !set_status(catalog, &doc.id, Status::Storing).await? {
         return finish(catalog, job).await;
     }
+    // Points (each with a copy of the title, source name and metadata) are built one batch at a
+    // time, so a job's memory is bounded by the batch, not by chunks × payload.
     let metadata: std::collections::HashMap<_, _> = doc.metadata.clone().into_iter().collect();
-    let points = chunks
-        .into_iter()
-        .zip(vectors)
+    for (batch, (texts, vectors)) in chunks
+        .chunks(UPSERT_BATCH)
+        .zip(vectors.chunks(UPSERT_BATCH))
         .enumerate()
-        .map(|(i, (text, vector))| pb::Point {
-            id: point_id(&doc.id, i as u32),
-            vector,
-            document_id: doc.id.clone(),
-            chunk_index: i as u32,
-            text,
-            title: doc.title.clone(),
-            metadata: metadata.clone(),
-            source_name: doc.source_name.clone(),
-        })
-        .collect();
-    catalog.downstream.upsert(&ctx, &kb.id, points).await?;
+    {
+        let first = (batch * UPSERT_BATCH) as u32;
+        let points = texts
+            .iter()
+            .zip(vectors)
+            .enumerate()
+            .map(|(i, (text, vector))| pb::Point {
+                id: point_id(&doc.id, first + i as u32),
+                vector: vector.clone(),
+                document_id: doc.id.clone(),
+                chunk_index: first + i as u32,
+                text: text.clone(),
+                title: doc.title.clone(),
+                metadata: metadata.clone(),
+                source_name: doc.source_name.clone(),
+            })
+            .collect();
+        catalog.downstream.upsert(&ctx, &kb.id, points).await?;
+    }
     // Chunks beyond the new count are left over from an earlier, longer chunking.
     if doc.max_chunk_count > count {
         let stale = (count..doc.max_chunk_count)
@@ -265,6 +419,244 @@ async fn finish(catalog: &Catalog, job: &Job) -> Result<()> {
         .await
 }
 
-fn rand_fraction() -> f64 {
-    (uuid::Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        for exponent in [0, 3, 10, 40] {
+            for _ in 0..200 {
+                let d = backoff(exponent, MAX_OUTAGE_BACKOFF);
+                assert!(d >= Duration::from_millis(100));
+                assert!(
+                    d <= MAX_OUTAGE_BACKOFF + Duration::from_millis(100),
+                    "{d:?}"
+                );
+            }
+        }
+        let spread: std::collections::HashSet<_> =
+            (0..50).map(|_| backoff(6, MAX_OUTAGE_BACKOFF)).collect();
+        assert!(spread.len() > 40, "not jittered");
+    }
+
+    #[test]
+    fn outages_never_fail_documents_but_bad_documents_do() {
+        assert!(matches!(
+            classify(&Error::Unavailable("embed-svc: connection refused".into())),
+            Retry::Outage
+        ));
+        assert!(matches!(
+            classify(&Error::ResourceExhausted {
+                message: "queue full".into(),
+                retry_after: Some(Duration::from_secs(1)),
+            }),
+            Retry::Outage
+        ));
+        assert!(matches!(
+            classify(&Error::invalid("data", "no text")),
+            Retry::Never
+        ));
+        assert!(matches!(
+            classify(&Error::Internal("disk full".into())),
+            Retry::Counted
+        ));
+    }
+}
+
+/// The worker against a real catalog, with downstream services that accept connections and
+/// never answer (a stalled dependency), so a job stays in flight as long as the test wants.
+#[cfg(test)]
+mod in_flight {
+    use super::*;
+    use crate::blobs::BlobStore;
+    use crate::catalog::{Arrival, NewDocument};
+    use crate::downstream::Downstream;
+    use smartdb_kit::limits::Limits;
+
+    struct Fixture {
+        catalog: Arc<Catalog>,
+        _dir: tempfile::TempDir,
+        _stalled: tokio::net::TcpListener,
+    }
+
+    async fn fixture(lease: Duration) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        // Accepts (the kernel does) but never speaks HTTP/2: every call hangs.
+        let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = stalled.local_addr().unwrap().to_string();
+        let options = smartdb_kit::client::ChannelOptions::default();
+        let limits = Limits {
+            default_deadline: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let downstream = Arc::new(Downstream::new(
+            smartdb_kit::client::channel(&addr, &options).unwrap(),
+            smartdb_kit::client::channel(&addr, &options).unwrap(),
+            &limits,
+        ));
+        let catalog = Arc::new(Catalog::new(
+            store::Store::open(&dir.path().join("catalog.db")).unwrap(),
+            BlobStore::open(&dir.path().join("originals")).unwrap(),
+            downstream,
+            limits,
+            JobSettings {
+                lease,
+                max_attempts: 3,
+                crash_marker: None,
+            },
+        ));
+        Fixture {
+            catalog,
+            _dir: dir,
+            _stalled: stalled,
+        }
+    }
+
+    /// A ready knowledge base with one queued document; returns the document's id.
+    async fn queued_document(catalog: &Catalog) -> String {
+        let kb = store::KnowledgeBase {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant: smartdb_kit::context::DEFAULT_TENANT.into(),
+            name: "kb".into(),
+            description: String::new(),
+            embedding_model: "m".into(),
+            dimension: 3,
+            create_time: 0,
+            document_count: 0,
+            ready: false,
+        };
+        let id = kb.id.clone();
+        catalog
+            .store
+            .call(move |c| {
+                store::reserve_kb(c, &kb)?;
+                store::activate_kb(c, &id, &id)
+            })
+            .await
+            .unwrap();
+        let ctx =
+            CallContext::background(smartdb_kit::context::DEFAULT_TENANT, Duration::from_secs(5));
+        let mut upload = catalog
+            .begin_upload(
+                &ctx,
+                NewDocument {
+                    knowledge_base: "kb".into(),
+                    title: String::new(),
+                    source_name: String::new(),
+                    metadata: Default::default(),
+                    format: None,
+                    arrival: Arrival::Text,
+                },
+            )
+            .await
+            .unwrap();
+        upload.write(b"Some text to index.").await.unwrap();
+        catalog.finish_upload(upload).await.unwrap().0.id
+    }
+
+    async fn claim(catalog: &Catalog) -> Job {
+        let lease = catalog.jobs.lease_ms();
+        catalog
+            .store
+            .call(move |c| store::claim_job(c, lease, 3, None))
+            .await
+            .unwrap()
+            .expect("a job")
+    }
+
+    async fn job_row(catalog: &Catalog, id: &str) -> (i64, i64, u32) {
+        let id = id.to_owned();
+        catalog
+            .store
+            .call(move |c| {
+                Ok(c.query_row(
+                    "SELECT lease_token, lease_until, attempts FROM jobs WHERE document_id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?)
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_loses_its_lease_stops() {
+        let f = fixture(Duration::from_millis(300)).await;
+        let id = queued_document(&f.catalog).await;
+        let job = claim(&f.catalog).await;
+        let (_stop_tx, stop) = watch::channel(false);
+        let catalog = f.catalog.clone();
+        let worker = tokio::spawn(async move { process(&catalog, job, stop).await });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            !worker.is_finished(),
+            "the job should be stuck on the stalled dependency"
+        );
+        // Another worker takes the job over (as after a stall longer than the lease).
+        let thief = 42;
+        let stolen = id.clone();
+        f.catalog
+            .store
+            .call(move |c| {
+                Ok(c.execute(
+                    "UPDATE jobs SET lease_token = ?2 WHERE document_id = ?1",
+                    rusqlite::params![stolen, thief],
+                )?)
+            })
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), worker)
+            .await
+            .expect("the worker keeps going without its lease")
+            .unwrap();
+        // It left the job to its new owner.
+        assert_eq!(job_row(&f.catalog, &id).await.0, thief);
+    }
+
+    #[tokio::test]
+    async fn shutdown_gives_the_job_back_at_once() {
+        let f = fixture(Duration::from_secs(60)).await;
+        let id = queued_document(&f.catalog).await;
+        let job = claim(&f.catalog).await;
+        assert_eq!(job_row(&f.catalog, &id).await.2, 1);
+        let (stop_tx, stop) = watch::channel(false);
+        let catalog = f.catalog.clone();
+        let worker = tokio::spawn(async move { process(&catalog, job, stop).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), worker)
+            .await
+            .expect("the worker ignores shutdown")
+            .unwrap();
+        let (_, lease_until, attempts) = job_row(&f.catalog, &id).await;
+        assert_eq!(lease_until, 0, "a restart would wait out the lease");
+        assert_eq!(attempts, 0, "a shutdown is not the document's fault");
+        // The job can be claimed again right away.
+        claim(&f.catalog).await;
+    }
+
+    #[tokio::test]
+    async fn garbage_collection_keeps_what_documents_point_at() {
+        let f = fixture(Duration::from_secs(60)).await;
+        let id = queued_document(&f.catalog).await;
+        let originals = f._dir.path().join("originals");
+        std::fs::write(originals.join("orphan-from-a-failed-delete"), b"x").unwrap();
+        std::fs::write(originals.join("tmp/crashed-upload"), b"x").unwrap();
+        let removed = f.catalog.collect_garbage(Duration::ZERO).await.unwrap();
+        assert_eq!(removed, 2);
+        assert!(originals.join(&id).exists());
+        assert!(!originals.join("orphan-from-a-failed-delete").exists());
+        assert!(!originals.join("tmp/crashed-upload").exists());
+        // Younger than the grace period: kept (it may belong to an upload in flight).
+        std::fs::write(originals.join("fresh"), b"x").unwrap();
+        assert_eq!(
+            f.catalog
+                .collect_garbage(Duration::from_secs(600))
+                .await
+                .unwrap(),
+            0
+        );
+        assert!(originals.join("fresh").exists());
+    }
 }

@@ -39,6 +39,22 @@ pub fn channel(addr: &str, options: &ChannelOptions) -> anyhow::Result<Channel> 
     Ok(endpoint.connect_lazy())
 }
 
+/// Awaits a call to another service, giving up with DEADLINE_EXCEEDED once `timeout` passes.
+/// tonic sends the deadline to the server (`grpc-timeout`) but does not enforce it itself, so
+/// without this a caller with no deadline of its own (a background worker) would wait forever
+/// on a server that stopped answering.
+pub async fn within<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {timeout:?}"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +64,20 @@ mod tests {
         assert!(channel("127.0.0.1:1", &ChannelOptions::default()).is_ok());
         assert!(channel("http://127.0.0.1:1", &ChannelOptions::default()).is_ok());
         assert!(channel("not a uri", &ChannelOptions::default()).is_err());
+    }
+
+    #[tokio::test]
+    async fn calls_give_up_at_their_deadline() {
+        let never = std::future::pending::<Result<(), tonic::Status>>();
+        let started = std::time::Instant::now();
+        let err = within(Duration::from_millis(50), never).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            within(Duration::from_secs(1), async { Ok(7) })
+                .await
+                .unwrap(),
+            7
+        );
     }
 }

@@ -21,6 +21,9 @@ pub struct ServerArgs {
     /// How long in-flight calls may take to finish after a shutdown signal.
     #[arg(long, env = "SMARTDB_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Limits on calls, sizes and deadlines.
+    #[command(flatten)]
+    pub limits: crate::limits::Limits,
 }
 
 impl ServerArgs {
@@ -31,6 +34,7 @@ impl ServerArgs {
             http_listen: None,
             log_json: false,
             drain_timeout: Duration::from_secs(5),
+            limits: crate::limits::Limits::default(),
         }
     }
 }

@@ -2,10 +2,12 @@
 //! metrics endpoint), client channels to other services, call context propagation, telemetry
 //! setup and config helpers.
 
+pub mod admission;
 pub mod client;
 pub mod config;
 pub mod context;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;

@@ -1,10 +1,11 @@
 //! Prometheus metrics: one process-wide recorder, one tower layer that records every gRPC call
 //! (count, errors by code, latency), and the HTTP endpoint that serves `/metrics`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -59,19 +60,93 @@ pub async fn serve_http(
     Ok(local)
 }
 
+/// The gRPC methods a server serves, by path (`/package.Service/Method`), with the `service`
+/// and `method` labels their series get. Anything else is counted under `unknown`, so that
+/// callers cannot create series (and grow memory and `/metrics`) by sending made-up paths.
+#[derive(Debug, Clone, Default)]
+pub struct KnownMethods {
+    paths: Arc<HashMap<String, (&'static str, &'static str)>>,
+}
+
+impl KnownMethods {
+    /// The methods of `services` (full names) found in the encoded `FileDescriptorSet`s.
+    pub fn from_descriptors(descriptor_sets: &[&[u8]], services: &[&str]) -> Self {
+        use prost::Message;
+        let mut paths = HashMap::new();
+        for bytes in descriptor_sets {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(*bytes) else {
+                continue;
+            };
+            for file in set.file {
+                let package = file.package.unwrap_or_default();
+                for service in file.service {
+                    let full = match package.as_str() {
+                        "" => service.name().to_owned(),
+                        p => format!("{p}.{}", service.name()),
+                    };
+                    if !services.contains(&full.as_str()) {
+                        continue;
+                    }
+                    // Leaked once per method at start-up: labels are then free to clone.
+                    let service_label: &'static str = Box::leak(full.clone().into_boxed_str());
+                    for method in service.method {
+                        let name: &'static str =
+                            Box::leak(method.name().to_owned().into_boxed_str());
+                        paths.insert(format!("/{full}/{name}"), (service_label, name));
+                    }
+                }
+            }
+        }
+        Self {
+            paths: Arc::new(paths),
+        }
+    }
+
+    /// The labels of `path`: its service and method if known, else `unknown` twice.
+    pub fn labels(&self, path: &str) -> (&'static str, &'static str) {
+        self.paths
+            .get(path)
+            .copied()
+            .unwrap_or(("unknown", "unknown"))
+    }
+
+    /// Number of known methods.
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    /// True if no method is known.
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+}
+
 /// Tower layer recording `grpc_server_requests_total{service,method,code}` and
-/// `grpc_server_request_duration_seconds{service,method}` for every call.
+/// `grpc_server_request_duration_seconds{service,method}` for every call, labelled only with
+/// known methods.
 ///
 /// The code is read from the response headers: tonic answers a failed unary call with a
 /// trailers-only response that carries `grpc-status` there, and a successful one without it.
 /// That is exact for unary and client-streaming calls, which is all smartdb's API has.
 #[derive(Debug, Clone, Default)]
-pub struct GrpcMetricsLayer;
+pub struct GrpcMetricsLayer {
+    known: KnownMethods,
+}
+
+impl GrpcMetricsLayer {
+    /// A layer labelling the methods in `known`.
+    pub fn new(known: KnownMethods) -> Self {
+        Self { known }
+    }
+}
 
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner }
+        GrpcMetrics {
+            inner,
+            known: self.known.clone(),
+        }
     }
 }
 
@@ -79,6 +154,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 #[derive(Debug, Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
+    known: KnownMethods,
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for GrpcMetrics<S>
@@ -95,7 +171,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (service, method) = split_path(request.uri().path());
+        let (service, method) = self.known.labels(request.uri().path());
         let started = Instant::now();
         let future = self.inner.call(request);
         Box::pin(async move {
@@ -110,10 +186,10 @@ where
                     .unwrap_or(tonic::Code::Ok),
                 Err(_) => tonic::Code::Unknown,
             };
-            let code = format!("{code:?}");
-            ::metrics::counter!("grpc_server_requests_total", "service" => service.clone(), "method" => method.clone(), "code" => code.clone()).increment(1);
+            let code = code_label(code);
+            ::metrics::counter!("grpc_server_requests_total", "service" => service, "method" => method, "code" => code).increment(1);
             if code != "Ok" {
-                ::metrics::counter!("grpc_server_errors_total", "service" => service.clone(), "method" => method.clone(), "code" => code).increment(1);
+                ::metrics::counter!("grpc_server_errors_total", "service" => service, "method" => method, "code" => code).increment(1);
             }
             ::metrics::histogram!("grpc_server_request_duration_seconds", "service" => service, "method" => method)
                 .record(started.elapsed().as_secs_f64());
@@ -122,11 +198,28 @@ where
     }
 }
 
-fn split_path(path: &str) -> (String, String) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let service = parts.next().unwrap_or_default().to_owned();
-    let method = parts.next().unwrap_or_default().to_owned();
-    (service, method)
+/// The label of a status code: a closed set of static names.
+pub fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }
 
 #[cfg(test)]
@@ -134,10 +227,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_paths_split_into_service_and_method() {
-        assert_eq!(
-            split_path("/smartdb.v1.SearchService/Search"),
-            ("smartdb.v1.SearchService".to_owned(), "Search".to_owned())
+    fn only_served_methods_get_their_own_labels() {
+        let known = KnownMethods::from_descriptors(
+            &[smartdb_proto::FILE_DESCRIPTOR_SET],
+            &["smartdb.v1.SearchService"],
         );
+        assert_eq!(
+            known.labels("/smartdb.v1.SearchService/Search"),
+            ("smartdb.v1.SearchService", "Search")
+        );
+        // Served by someone else, or made up: one shared series.
+        assert_eq!(
+            known.labels("/smartdb.v1.IndexService/UpsertPoints"),
+            ("unknown", "unknown")
+        );
+        assert_eq!(known.labels("/x.Y/Z"), ("unknown", "unknown"));
+        assert_eq!(known.len(), 1);
     }
 }

@@ -13,12 +13,9 @@ use tonic::service::RoutesBuilder;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::admission::AdmissionLayer;
 use crate::config::ServerArgs;
-use crate::metrics::GrpcMetricsLayer;
-
-/// Largest gRPC message a server accepts or sends; big enough for embedding batches and
-/// upload pieces, small enough to bound memory per call.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+use crate::metrics::{GrpcMetricsLayer, KnownMethods};
 
 /// Health of one server: the overall status (`""`) and one per gRPC service it serves.
 #[derive(Clone)]
@@ -154,6 +151,7 @@ impl ServiceServer {
         args: &ServerArgs,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        args.limits.validate()?;
         let health = self.health();
         health.init().await;
         let mut reflection = tonic_reflection::server::Builder::configure()
@@ -212,10 +210,30 @@ impl ServiceServer {
                 tracing::info!(service = name, "draining in-flight calls");
             }
         };
+        let mut served = self.services.clone();
+        served.extend([
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]);
+        let known = KnownMethods::from_descriptors(
+            &[
+                smartdb_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ],
+            &served,
+        );
+        let limits = &args.limits;
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .layer(GrpcMetricsLayer)
+            // tonic leaves HTTP/2 streams per connection unlimited unless told.
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            // Outermost first: metrics see the final outcome, including shed and expired calls.
+            .layer(GrpcMetricsLayer::new(known))
+            .layer(AdmissionLayer::new(limits))
             .add_routes(self.routes.routes())
             .serve_with_incoming_shutdown(
                 // Server::tcp_nodelay only applies to sockets tonic binds itself; without it on

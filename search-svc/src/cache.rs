@@ -80,20 +80,49 @@ impl QueryKey<'_> {
     }
 }
 
-/// In-memory cache of search answers.
+/// In-memory cache of search answers, bounded by their size in bytes (answers differ a lot:
+/// up to the maximum top_k hits, each with up to the maximum chunk text and metadata).
 pub struct ResultCache {
     memory: moka::sync::Cache<[u8; 32], SearchAnswer>,
 }
 
+/// Approximate memory of one cached answer, in bytes.
+fn answer_bytes(answer: &SearchAnswer) -> u32 {
+    let hits: usize = answer
+        .hits
+        .iter()
+        .map(|hit| {
+            let p = &hit.payload;
+            let metadata: usize = p.metadata.iter().map(|(k, v)| k.len() + v.len() + 48).sum();
+            p.document_id.len()
+                + p.text.len()
+                + p.title.len()
+                + p.source_name.len()
+                + metadata
+                + 160
+        })
+        .sum();
+    (hits + answer.embedding_model.len() + 96)
+        .try_into()
+        .unwrap_or(u32::MAX)
+}
+
 impl ResultCache {
-    /// A cache of at most `entries` answers, each kept at most `ttl`.
-    pub fn new(entries: u64, ttl: Duration) -> Self {
+    /// A cache holding at most `max_bytes` of answers, each kept at most `ttl`.
+    pub fn new(max_bytes: u64, ttl: Duration) -> Self {
         Self {
             memory: moka::sync::Cache::builder()
-                .max_capacity(entries)
+                .max_capacity(max_bytes)
+                .weigher(|_key, answer: &SearchAnswer| answer_bytes(answer))
                 .time_to_live(ttl)
                 .build(),
         }
+    }
+
+    /// Bytes the cached answers take now (approximately; for tests and metrics).
+    pub fn weighted_size(&self) -> u64 {
+        self.memory.run_pending_tasks();
+        self.memory.weighted_size()
     }
 
     /// A cached answer for `key`, if any.
@@ -113,6 +142,52 @@ impl ResultCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::{ChunkPayload, ScoredChunk};
+
+    fn big_answer(i: usize) -> SearchAnswer {
+        SearchAnswer {
+            hits: (0..100)
+                .map(|n| ScoredChunk {
+                    id: uuid::Uuid::new_v4(),
+                    score: 0.5,
+                    payload: ChunkPayload {
+                        document_id: format!("doc-{i}"),
+                        chunk_index: n,
+                        text: "x".repeat(2000),
+                        metadata: [("k".to_owned(), "v".repeat(1000))].into(),
+                        ..ChunkPayload::default()
+                    },
+                })
+                .collect(),
+            embedding_model: "m".into(),
+        }
+    }
+
+    #[test]
+    fn the_cache_is_bounded_by_bytes_not_entries() {
+        // Each answer is ~300 KB; a 2 MB cache keeps only a handful, whatever the entry count.
+        let cache = ResultCache::new(2 << 20, Duration::from_secs(600));
+        let filter = BTreeMap::new();
+        for i in 0..50 {
+            let query = format!("query {i}");
+            let key = QueryKey {
+                collection_id: "kb",
+                version: 0,
+                query: &query,
+                top_k: 100,
+                filter: &filter,
+                document_ids: &[],
+            };
+            cache.insert(&key, big_answer(i));
+        }
+        let size = cache.weighted_size();
+        assert!(size <= 2 << 20, "{size} bytes cached");
+        assert!(
+            size > 1 << 20,
+            "the cache should still hold answers: {size}"
+        );
+        assert!(answer_bytes(&big_answer(0)) > 300_000);
+    }
 
     #[test]
     fn version_bump_changes_the_key() {

@@ -9,7 +9,7 @@ pub enum Error {
     #[error("{field}: {message}")]
     InvalidArgument {
         /// Request field at fault, e.g. `query`.
-        field: &'static str,
+        field: std::borrow::Cow<'static, str>,
         /// What is wrong with it.
         message: String,
     },
@@ -28,7 +28,15 @@ impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Self::InvalidArgument {
-            field,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// [`Error::InvalidArgument`] for a field whose name is built at run time (e.g. `filter[k]`).
+    pub fn invalid_field(field: String, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
             message: message.into(),
         }
     }
@@ -40,7 +48,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err {
-            Error::InvalidArgument { field, message } => status::invalid_argument(field, message),
+            Error::InvalidArgument { field, message } => status::invalid_argument(&field, message),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::Unavailable(m) => tonic::Status::unavailable(m),
             Error::Internal(m) => {

@@ -30,7 +30,7 @@ impl pb::search_service_server::SearchService for SearchGrpc {
         request: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let ctx = CallContext::from_request(&request);
-        let query = SearchQuery::from_request(request.into_inner())?;
+        let query = SearchQuery::from_request(request.into_inner(), self.searcher.limits())?;
         let (answer, cached) = self.searcher.search(&ctx, query).await?;
         Ok(Response::new(pb::SearchResponse {
             hits: answer
@@ -85,10 +85,18 @@ impl pb::index_service_server::IndexService for IndexGrpc {
         if r.knowledge_base.trim().is_empty() {
             return Err(Error::invalid("knowledge_base", "is required").into());
         }
-        if r.dimension == 0 {
-            return Err(Error::invalid("dimension", "must be positive").into());
+        if r.dimension == 0 || r.dimension as usize > smartdb_kit::limits::MAX_DIMENSION {
+            return Err(Error::invalid(
+                "dimension",
+                format!(
+                    "must be between 1 and {}",
+                    smartdb_kit::limits::MAX_DIMENSION
+                ),
+            )
+            .into());
         }
-        self.index
+        let id = self
+            .index
             .create_collection(CollectionInfo {
                 id: r.knowledge_base_id.clone(),
                 tenant: ctx.tenant,
@@ -97,8 +105,10 @@ impl pb::index_service_server::IndexService for IndexGrpc {
                 embedding_model: r.embedding_model,
             })
             .await?;
-        self.versions.bump(&r.knowledge_base_id);
-        Ok(Response::new(pb::CreateCollectionResponse {}))
+        self.versions.bump(&id);
+        Ok(Response::new(pb::CreateCollectionResponse {
+            knowledge_base_id: id,
+        }))
     }
 
     async fn delete_collection(

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use smartdb_kit::client::{ChannelOptions, channel};
 use smartdb_kit::config::ServerArgs;
-use smartdb_kit::server::{MAX_MESSAGE_BYTES, ServiceServer};
+use smartdb_kit::server::ServiceServer;
 use smartdb_proto::v1::index_service_server::IndexServiceServer;
 use smartdb_proto::v1::search_service_server::SearchServiceServer;
 
@@ -32,9 +32,9 @@ pub struct Config {
     /// Address of embed-svc.
     #[arg(long, env = "SMARTDB_EMBED_ADDR", default_value = "127.0.0.1:50054")]
     pub embed_addr: String,
-    /// Search answers kept in the result cache.
-    #[arg(long, env = "SMARTDB_SEARCH_CACHE_ENTRIES", default_value_t = 10_000)]
-    pub cache_entries: u64,
+    /// Memory for the search-result cache, in MiB.
+    #[arg(long, env = "SMARTDB_SEARCH_CACHE_MB", default_value_t = 64)]
+    pub cache_mb: u64,
     /// How long a cached answer may be served.
     #[arg(long, env = "SMARTDB_SEARCH_CACHE_TTL", default_value = "10m", value_parser = smartdb_kit::config::parse_duration)]
     pub cache_ttl: Duration,
@@ -52,18 +52,26 @@ pub async fn serve(
     };
     let versions = Arc::new(cache::Versions::default());
     let embed = channel(&config.embed_addr, &ChannelOptions::default())?;
+    let limits = config.server.limits.clone();
+    let max = limits.message_bytes();
     let searcher = Arc::new(search::Searcher::new(
         index.clone(),
         embed,
-        cache::ResultCache::new(config.cache_entries, config.cache_ttl),
+        cache::ResultCache::new(config.cache_mb << 20, config.cache_ttl),
         versions.clone(),
+        limits,
     ));
 
     let mut server = ServiceServer::new("search-svc").await;
-    server.add_service(SearchServiceServer::new(grpc::SearchGrpc::new(searcher)));
+    server.add_service(
+        SearchServiceServer::new(grpc::SearchGrpc::new(searcher))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
     server.add_service(
         IndexServiceServer::new(grpc::IndexGrpc::new(index, versions))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
     );
     let health = server.health();
     // The index is open: this service can answer (searches degrade on their own if embed-svc is away).

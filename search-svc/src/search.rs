@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use smartdb_kit::context::CallContext;
+use smartdb_kit::limits::{self, Limits};
 use smartdb_proto::v1 as pb;
 use tonic::transport::Channel;
 
@@ -13,12 +14,8 @@ use crate::cache::{QueryKey, ResultCache, Versions};
 use crate::error::{Error, Result};
 use crate::index::{DenseQuery, ScoredChunk, SearchFilter, VectorIndex};
 
-/// Longest query accepted, in bytes.
-pub const MAX_QUERY_BYTES: usize = 4096;
-/// Hits returned when the caller does not say.
-pub const DEFAULT_TOP_K: usize = 10;
-/// Most hits one search may ask for.
-pub const MAX_TOP_K: usize = 100;
+/// Most document ids one search may filter on.
+pub const MAX_FILTER_DOCUMENTS: usize = 1024;
 /// Time allowed for embedding the query when the caller set no deadline.
 const EMBED_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,31 +35,46 @@ pub struct SearchQuery {
 }
 
 impl SearchQuery {
-    /// Validates a request and applies defaults.
-    pub fn from_request(request: pb::SearchRequest) -> Result<Self> {
+    /// Validates a request against `limits` and applies defaults.
+    pub fn from_request(request: pb::SearchRequest, limits: &Limits) -> Result<Self> {
         let knowledge_base = request.knowledge_base.trim().to_owned();
         if knowledge_base.is_empty() {
             return Err(Error::invalid("knowledge_base", "is required"));
         }
+        limits::check_len(&knowledge_base, limits::KB_NAME_BYTES)
+            .map_err(|m| Error::invalid("knowledge_base", m))?;
         if request.query.trim().is_empty() {
             return Err(Error::invalid("query", "must not be empty"));
         }
-        if request.query.len() > MAX_QUERY_BYTES {
+        limits::check_len(&request.query, limits.query_bytes)
+            .map_err(|m| Error::invalid("query", m))?;
+        let top_k = limits
+            .top_k(request.top_k)
+            .map_err(|m| Error::invalid("top_k", m))?;
+        limits
+            .check_metadata(request.filter.iter())
+            .map_err(|(field, m)| {
+                Error::invalid_field(field.replacen("metadata", "filter", 1), m)
+            })?;
+        if request.document_ids.len() > MAX_FILTER_DOCUMENTS {
             return Err(Error::invalid(
-                "query",
-                format!("{} bytes, at most {MAX_QUERY_BYTES}", request.query.len()),
+                "document_ids",
+                format!(
+                    "{} ids, at most {MAX_FILTER_DOCUMENTS}",
+                    request.document_ids.len()
+                ),
             ));
         }
-        let top_k = match request.top_k as usize {
-            0 => DEFAULT_TOP_K,
-            k if k > MAX_TOP_K => {
-                return Err(Error::invalid(
-                    "top_k",
-                    format!("{k} is more than the maximum {MAX_TOP_K}"),
-                ));
-            }
-            k => k,
-        };
+        if let Some(id) = request
+            .document_ids
+            .iter()
+            .find(|id| id.len() > limits::ID_BYTES)
+        {
+            return Err(Error::invalid(
+                "document_ids",
+                format!("an id is {} bytes, at most {}", id.len(), limits::ID_BYTES),
+            ));
+        }
         Ok(Self {
             knowledge_base,
             query: request.query,
@@ -88,6 +100,7 @@ pub struct Searcher {
     embed: pb::embed_service_client::EmbedServiceClient<Channel>,
     cache: ResultCache,
     versions: Arc<Versions>,
+    limits: Limits,
 }
 
 impl Searcher {
@@ -97,15 +110,24 @@ impl Searcher {
         embed: Channel,
         cache: ResultCache,
         versions: Arc<Versions>,
+        limits: Limits,
     ) -> Self {
+        let max = limits.message_bytes();
         let embed = pb::embed_service_client::EmbedServiceClient::new(embed)
-            .max_decoding_message_size(smartdb_kit::server::MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
         Self {
             index,
             embed,
             cache,
             versions,
+            limits,
         }
+    }
+
+    /// Limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Runs one search for the caller in `ctx`; the answer says whether it came from the cache.

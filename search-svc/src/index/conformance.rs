@@ -34,7 +34,7 @@ macro_rules! vector_index_conformance {
     ($factory:path) => {
         vector_index_conformance!(@cases $factory;
             create_is_idempotent,
-            create_rejects_taken_name,
+            orphans_are_reused_or_replaced,
             create_rejects_zero_dimension,
             resolve_by_tenant_and_name,
             search_returns_nearest_first,
@@ -219,16 +219,19 @@ pub(crate) async fn create_is_idempotent(index: &dyn VectorIndex) {
     index.delete_collection(&info.id).await.unwrap();
 }
 
-/// A (tenant, name) pair maps to one collection until that collection is deleted.
-pub(crate) async fn create_rejects_taken_name(index: &dyn VectorIndex) {
+/// A (tenant, name) pair maps to one collection. A create of the same name under another id
+/// finds an orphan (left by an interrupted create): reused when it is empty with the same
+/// settings, replaced otherwise.
+pub(crate) async fn orphans_are_reused_or_replaced(index: &dyn VectorIndex) {
     let first = create(index).await;
     let second = CollectionInfo {
         id: Uuid::new_v4().to_string(),
         ..first.clone()
     };
-    assert_invalid(
-        index.create_collection(second.clone()).await,
-        "knowledge_base",
+    assert_eq!(
+        index.create_collection(second.clone()).await.unwrap(),
+        first.id,
+        "an empty orphan with the same settings is reused"
     );
     assert_eq!(
         index.resolve(&first.tenant, &first.name).await.unwrap(),
@@ -236,17 +239,42 @@ pub(crate) async fn create_rejects_taken_name(index: &dyn VectorIndex) {
     );
     assert_not_found(index.count(&second.id).await);
 
-    index.delete_collection(&first.id).await.unwrap();
+    // An orphan holding points is not handed to a new knowledge base: it is replaced.
     index
-        .create_collection(second.clone())
+        .upsert(
+            &first.id,
+            vec![chunk("stale", 0, [1.0, 0.0, 0.0, 0.0], &[])],
+        )
         .await
-        .expect("name is free again");
+        .unwrap();
+    assert_eq!(
+        index.create_collection(second.clone()).await.unwrap(),
+        second.id
+    );
     assert_eq!(
         index.resolve(&second.tenant, &second.name).await.unwrap(),
         Some(second.clone())
     );
+    assert_not_found(index.count(&first.id).await);
+    assert_eq!(index.count(&second.id).await.unwrap(), 0);
 
-    index.delete_collection(&second.id).await.unwrap();
+    // So is one with other settings.
+    let third = CollectionInfo {
+        id: Uuid::new_v4().to_string(),
+        dimension: DIM + 1,
+        ..second.clone()
+    };
+    assert_eq!(
+        index.create_collection(third.clone()).await.unwrap(),
+        third.id
+    );
+    assert_not_found(index.count(&second.id).await);
+
+    index.delete_collection(&third.id).await.unwrap();
+    assert_eq!(
+        index.resolve(&third.tenant, &third.name).await.unwrap(),
+        None
+    );
 }
 
 /// A collection without dimensions is refused and leaves nothing behind.

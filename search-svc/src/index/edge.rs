@@ -204,7 +204,7 @@ impl EdgeIndex {
 
 #[async_trait::async_trait]
 impl VectorIndex for EdgeIndex {
-    async fn create_collection(&self, info: CollectionInfo) -> Result<()> {
+    async fn create_collection(&self, info: CollectionInfo) -> Result<String> {
         self.blocking(move |inner| inner.create_collection(info))
             .await
     }
@@ -276,7 +276,7 @@ impl Inner {
             .build()
     }
 
-    fn create_collection(&self, info: CollectionInfo) -> Result<()> {
+    fn create_collection(&self, info: CollectionInfo) -> Result<String> {
         if info.dimension == 0 {
             return Err(Error::invalid("dimension", "must be at least 1"));
         }
@@ -286,7 +286,7 @@ impl Inner {
         let mut registry = read(&self.registry).clone();
         if let Some(existing) = registry.get(&info.id) {
             if *existing == info {
-                return Ok(());
+                return Ok(info.id);
             }
             return Err(Error::invalid(
                 "knowledge_base",
@@ -300,17 +300,28 @@ impl Inner {
                 ),
             ));
         }
-        if let Some(taken) = registry
+        if let Some(orphan) = registry
             .values()
             .find(|c| c.tenant == info.tenant && c.name == info.name)
+            .cloned()
         {
-            return Err(Error::invalid(
-                "knowledge_base",
-                format!(
-                    "tenant {} already has a knowledge base named {} (collection {})",
-                    info.tenant, info.name, taken.id
-                ),
-            ));
+            // The catalog reserves a name before it creates its collection, so one already
+            // here under another id was left by a create that never finished.
+            let same_settings = orphan.dimension == info.dimension
+                && orphan.embedding_model == info.embedding_model;
+            if same_settings && self.count(&orphan.id)? == 0 {
+                tracing::info!(
+                    collection = %orphan.id, tenant = %info.tenant, name = %info.name,
+                    "reusing an orphaned collection"
+                );
+                return Ok(orphan.id);
+            }
+            tracing::warn!(
+                collection = %orphan.id, tenant = %info.tenant, name = %info.name,
+                "replacing an orphaned collection"
+            );
+            self.delete_collection_locked(&orphan.id)?;
+            registry = read(&self.registry).clone();
         }
 
         let path = self.collection_dir(&info.id);
@@ -347,11 +358,16 @@ impl Inner {
         tracing::info!(
             collection = %info.id, tenant = %info.tenant, name = %info.name, "created collection"
         );
-        Ok(())
+        Ok(info.id)
     }
 
     fn delete_collection(&self, id: &str) -> Result<()> {
         let _admin = lock(&self.admin);
+        self.delete_collection_locked(id)
+    }
+
+    /// [`Inner::delete_collection`] with the admin lock held.
+    fn delete_collection_locked(&self, id: &str) -> Result<()> {
         let mut registry = read(&self.registry).clone();
         if registry.remove(id).is_some() {
             write_registry(&self.root, &registry)?;
@@ -1018,7 +1034,7 @@ mod tests {
                 ..sample_info(4)
             };
             match index.create_collection(info).await {
-                Err(Error::InvalidArgument { field: "id", .. }) => {}
+                Err(Error::InvalidArgument { field, .. }) if field == "id" => {}
                 other => panic!("{id:?}: {other:?}"),
             }
             index.delete_collection(id).await.unwrap();

@@ -95,11 +95,16 @@ pub struct ScoredChunk {
 /// A vector store holding one collection per knowledge base.
 #[async_trait::async_trait]
 pub trait VectorIndex: Send + Sync + 'static {
-    /// Creates a collection; Ok if this exact collection already exists.
+    /// Creates a collection and returns the id of the collection that now serves its tenant and
+    /// name; Ok (with its id) if this exact collection already exists.
     ///
-    /// InvalidArgument: `dimension` if 0; `knowledge_base` if the id exists with other settings
-    /// or the tenant already has another collection with this name.
-    async fn create_collection(&self, info: CollectionInfo) -> Result<()>;
+    /// The tenant may already have a collection of this name under another id: an orphan, since
+    /// ingest-svc reserves a name in its catalog before it creates the collection. If that one
+    /// is empty and has the same dimension and model, it is reused (its id is returned);
+    /// otherwise it is replaced.
+    ///
+    /// InvalidArgument: `dimension` if 0; `knowledge_base` if the id exists with other settings.
+    async fn create_collection(&self, info: CollectionInfo) -> Result<String>;
     /// Drops a collection and all its points, on disk too; Ok if it does not exist.
     async fn delete_collection(&self, id: &str) -> Result<()>;
     /// Looks up a collection by tenant and knowledge-base name.

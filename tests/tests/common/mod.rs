@@ -33,6 +33,10 @@ pub fn smartdb_bin() -> PathBuf {
     .clone()
 }
 
+/// Largest message the test clients accept: the servers' limit (the largest valid answer, e.g.
+/// 100 hits with maximal metadata, is larger than gRPC's 4 MiB default).
+pub const MAX_MESSAGE: usize = 16 << 20;
+
 /// A running `smartdb up`, stopped when dropped.
 pub struct Cluster {
     child: Option<Child>,
@@ -56,8 +60,30 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra environment for `smartdb up` and its services.
     pub async fn start_with_env(env: &[(&str, &str)]) -> Cluster {
-        let bin = smartdb_bin();
-        let data_dir = tempfile::tempdir().expect("temp dir");
+        Self::start_with(&[], env).await
+    }
+
+    /// Like [`Cluster::start`], with extra flags for `smartdb up` and extra environment.
+    pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Cluster {
+        Self::start_in(tempfile::tempdir().expect("temp dir"), args, env).await
+    }
+
+    /// Like [`Cluster::start_with`], in a data directory the test prepared.
+    pub async fn start_in(
+        data_dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        Self::launch(&smartdb_bin(), data_dir, args, env).await
+    }
+
+    /// Starts `smartdb up` from the binary `bin` and waits until every service is SERVING.
+    pub async fn launch(
+        bin: &Path,
+        data_dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let log = std::fs::File::create(data_dir.path().join("up.log")).expect("log file");
         let child = Command::new(bin)
             .args([
@@ -73,6 +99,7 @@ impl Cluster {
             ])
             .arg("--data-dir")
             .arg(data_dir.path())
+            .args(args)
             .env("SMARTDB_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -167,14 +194,18 @@ impl Cluster {
         &self,
     ) -> pb::knowledge_base_service_client::KnowledgeBaseServiceClient<Channel> {
         pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(self.channel().await)
+            .max_decoding_message_size(MAX_MESSAGE)
     }
 
     pub async fn docs(&self) -> pb::document_service_client::DocumentServiceClient<Channel> {
         pb::document_service_client::DocumentServiceClient::new(self.channel().await)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
     }
 
     pub async fn search(&self) -> pb::search_service_client::SearchServiceClient<Channel> {
         pb::search_service_client::SearchServiceClient::new(self.channel().await)
+            .max_decoding_message_size(MAX_MESSAGE)
     }
 }
 
@@ -194,6 +225,94 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Sends `signal` (e.g. `libc::SIGSTOP`) to process `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    let rc = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// True while process `pid` exists.
+pub fn alive(pid: u32) -> bool {
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// Creates knowledge base `name` through the gateway.
+pub async fn create_kb(cluster: &Cluster, name: &str) -> pb::KnowledgeBase {
+    cluster
+        .kbs()
+        .await
+        .create_knowledge_base(pb::CreateKnowledgeBaseRequest {
+            name: name.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("create {name}: {s:?}"))
+        .into_inner()
+        .knowledge_base
+        .expect("knowledge base")
+}
+
+/// Adds `text` to `kb` through the gateway; with `wait`, returns once indexing finished.
+pub async fn ingest_text(
+    cluster: &Cluster,
+    kb: &str,
+    text: &str,
+    wait: bool,
+) -> Result<pb::IngestTextResponse, tonic::Status> {
+    cluster
+        .docs()
+        .await
+        .ingest_text(pb::IngestTextRequest {
+            knowledge_base: kb.to_owned(),
+            text: text.to_owned(),
+            wait,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A document as GetDocument returns it now.
+pub async fn get_document(
+    cluster: &Cluster,
+    kb: &str,
+    id: &str,
+) -> Result<pb::Document, tonic::Status> {
+    cluster
+        .docs()
+        .await
+        .get_document(pb::GetDocumentRequest {
+            knowledge_base: kb.to_owned(),
+            document_id: id.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().document.expect("document"))
+}
+
+/// Waits until document `id` has `status`, and returns it.
+pub async fn wait_for_status(
+    cluster: &Cluster,
+    kb: &str,
+    id: &str,
+    status: pb::DocumentStatus,
+    timeout: Duration,
+) -> pb::Document {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let doc = get_document(cluster, kb, id).await;
+        if let Ok(doc) = &doc
+            && doc.status == status as i32
+        {
+            return doc.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "document {id} did not reach {status:?} in {timeout:?}; last seen {doc:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
