@@ -481,6 +481,10 @@ mod in_flight {
     }
 
     async fn fixture(lease: Duration) -> Fixture {
+        fixture_with(lease, Limits::default()).await
+    }
+
+    async fn fixture_with(lease: Duration, limits: Limits) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         // Accepts (the kernel does) but never speaks HTTP/2: every call hangs.
         let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -488,7 +492,7 @@ mod in_flight {
         let options = smartdb_kit::client::ChannelOptions::default();
         let limits = Limits {
             default_deadline: Duration::from_secs(60),
-            ..Limits::default()
+            ..limits
         };
         let downstream = Arc::new(Downstream::new(
             smartdb_kit::client::channel(&addr, &options).unwrap(),
@@ -511,6 +515,21 @@ mod in_flight {
             _dir: dir,
             _stalled: stalled,
         }
+    }
+
+    fn new_text() -> NewDocument {
+        NewDocument {
+            knowledge_base: "kb".into(),
+            title: String::new(),
+            source_name: String::new(),
+            metadata: Default::default(),
+            format: None,
+            arrival: Arrival::Text,
+        }
+    }
+
+    fn ctx() -> CallContext {
+        CallContext::background(smartdb_kit::context::DEFAULT_TENANT, Duration::from_secs(5))
     }
 
     /// A ready knowledge base with one queued document; returns the document's id.
@@ -634,6 +653,32 @@ mod in_flight {
         assert_eq!(attempts, 0, "a shutdown is not the document's fault");
         // The job can be claimed again right away.
         claim(&f.catalog).await;
+    }
+
+    #[tokio::test]
+    async fn uploads_beyond_the_bound_are_refused_with_a_retry_hint() {
+        let f = fixture_with(
+            Duration::from_secs(60),
+            Limits {
+                concurrent_uploads: 2,
+                ..Limits::default()
+            },
+        )
+        .await;
+        queued_document(&f.catalog).await;
+        let first = f.catalog.begin_upload(&ctx(), new_text()).await.unwrap();
+        let _second = f.catalog.begin_upload(&ctx(), new_text()).await.unwrap();
+        match f.catalog.begin_upload(&ctx(), new_text()).await {
+            Err(Error::ResourceExhausted {
+                message,
+                retry_after: Some(_),
+            }) => assert!(message.contains("too many uploads"), "{message}"),
+            Err(other) => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+            Ok(_) => panic!("a third upload was let in"),
+        }
+        // A finished (or abandoned) upload frees its slot.
+        drop(first);
+        f.catalog.begin_upload(&ctx(), new_text()).await.unwrap();
     }
 
     #[tokio::test]
