@@ -57,10 +57,34 @@ pub struct UpArgs {
     /// How long the cluster may take to become ready before `up` gives up (exit code 1).
     #[arg(long, default_value = "10m", value_parser = smartdb_kit::config::parse_duration)]
     ready_timeout: Duration,
+    /// Replicas of a stateless service, e.g. `embed=2` (only embed-svc: search-svc and
+    /// ingest-svc keep their data on this machine's disk and need shared engines to scale).
+    /// The extra replicas listen on free ports; the other services balance over all of them.
+    #[arg(long, value_name = "SERVICE=N", value_parser = parse_replicas)]
+    replicas: Vec<(String, usize)>,
     /// Restarts within `QUICK_CRASH` of starting, in a row, after which a service is reported
     /// as crash-looping (and, before the cluster was ever ready, `up` gives up with exit code 1).
     #[arg(long, default_value_t = 5)]
     crash_loop_after: u32,
+}
+
+fn parse_replicas(text: &str) -> Result<(String, usize), String> {
+    let (service, count) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: use SERVICE=N, e.g. embed=2"))?;
+    let count: usize = count
+        .parse()
+        .ok()
+        .filter(|n| (1..=16).contains(n))
+        .ok_or_else(|| format!("{text:?}: the number of replicas must be 1 to 16"))?;
+    match service {
+        "embed" | "embed-svc" => Ok(("embed".into(), count)),
+        "search" | "search-svc" | "ingest" | "ingest-svc" => Err(format!(
+            "{service} keeps its data on this machine's disk: several replicas need a shared \
+             Qdrant or MongoDB, which `smartdb up` does not run"
+        )),
+        other => Err(format!("{other:?}: only embed can have replicas")),
+    }
 }
 
 /// A child that exits sooner than this after starting crashed "quickly".
@@ -145,6 +169,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (h, internal) = (args.host, args.internal_host);
     let off = args.http_port_offset;
     let embed = pick(internal, args.embed_port)?;
+    let embed_replicas = args
+        .replicas
+        .iter()
+        .rev()
+        .find(|(service, _)| service == "embed")
+        .map_or(1, |(_, n)| *n);
+    // Extra replicas on free ports (with free HTTP ports): (grpc, http).
+    let mut extra_embeds = Vec::new();
+    for _ in 1..embed_replicas {
+        extra_embeds.push((pick(internal, 0)?, pick(internal, 0)?));
+    }
+    let embed_addrs = std::iter::once(embed)
+        .chain(extra_embeds.iter().map(|(grpc, _)| *grpc))
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let search = pick(internal, args.search_port)?;
     let ingest = pick(internal, args.ingest_port)?;
     let gateway = pick(h, args.gateway_port)?;
@@ -163,17 +203,27 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
 
     let data = |sub: &str| data_dir.join(sub).display().to_string();
-    let specs = vec![
-        Spec {
-            name: "embed-svc",
-            args: vec![
-                "embed".into(),
-                "--models-dir".into(),
-                models_dir.display().to_string(),
-            ],
-            grpc: embed,
-            http: http_addr(internal, embed.port(), args.embed_port, off)?,
-        },
+    let embed_args = vec![
+        "embed".into(),
+        "--models-dir".into(),
+        models_dir.display().to_string(),
+    ];
+    let mut specs = vec![Spec {
+        name: "embed-svc",
+        args: embed_args.clone(),
+        grpc: embed,
+        http: http_addr(internal, embed.port(), args.embed_port, off)?,
+    }];
+    for (i, (grpc, http)) in extra_embeds.iter().enumerate() {
+        specs.push(Spec {
+            // A handful of names for the life of the process.
+            name: Box::leak(format!("embed-svc-{}", i + 2).into_boxed_str()),
+            args: embed_args.clone(),
+            grpc: *grpc,
+            http: *http,
+        });
+    }
+    specs.extend([
         Spec {
             name: "search-svc",
             args: vec![
@@ -181,7 +231,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--data-dir".into(),
                 data("search"),
                 "--embed-addr".into(),
-                embed.to_string(),
+                embed_addrs.clone(),
             ],
             grpc: search,
             http: http_addr(internal, search.port(), args.search_port, off)?,
@@ -193,7 +243,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--data-dir".into(),
                 data("ingest"),
                 "--embed-addr".into(),
-                embed.to_string(),
+                embed_addrs.clone(),
                 "--search-addr".into(),
                 search.to_string(),
             ],
@@ -209,12 +259,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--search-addr".into(),
                 search.to_string(),
                 "--embed-addr".into(),
-                embed.to_string(),
+                embed_addrs.clone(),
             ],
             grpc: gateway,
             http: http_addr(h, gateway.port(), args.gateway_port, off)?,
         },
-    ];
+    ]);
 
     let state = Arc::new(Mutex::new(ClusterFile {
         supervisor_pid: std::process::id(),
@@ -558,6 +608,14 @@ Press Ctrl-C to stop.",
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_are_only_for_stateless_services() {
+        assert_eq!(parse_replicas("embed=2"), Ok(("embed".into(), 2)));
+        assert!(parse_replicas("search=2").unwrap_err().contains("shared"));
+        assert!(parse_replicas("embed=0").is_err());
+        assert!(parse_replicas("embed").is_err());
+    }
 
     #[test]
     fn restart_delays_grow_to_a_cap_with_jitter() {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_openai::types::embeddings::{CreateEmbeddingRequest, EmbeddingInput, EncodingFormat};
+use smartdb_kit::client::{Breaker, BreakerNames, BreakerSettings};
 use tokio::sync::Semaphore;
 use tokio_retry::RetryIf;
 use tokio_retry::strategy::{ExponentialBackoff, jitter};
@@ -104,58 +105,6 @@ pub struct OpenAiProvider {
     breaker: Breaker,
 }
 
-type Breaker =
-    failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailures<Doubling>, BreakerMetrics>;
-
-/// Open periods of the breaker: `start`, doubling up to `max`. (failsafe's own exponential
-/// backoff counts whole seconds and refuses anything under one.)
-#[derive(Debug, Clone)]
-struct Doubling {
-    next: Duration,
-    max: Duration,
-}
-
-impl Iterator for Doubling {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let now = self.next;
-        self.next = (self.next * 2).min(self.max);
-        Some(now)
-    }
-}
-
-/// Reports the breaker's transitions and rejections in `/metrics`.
-struct BreakerMetrics {
-    model: String,
-}
-
-impl BreakerMetrics {
-    fn state(&self, open: f64, state: &'static str) {
-        metrics::gauge!("embed_remote_breaker_open", "model" => self.model.clone()).set(open);
-        tracing::warn!(model = %self.model, state, "circuit breaker of the remote model");
-    }
-}
-
-impl failsafe::Instrument for BreakerMetrics {
-    fn on_call_rejected(&self) {
-        metrics::counter!("embed_remote_rejected_total", "model" => self.model.clone())
-            .increment(1);
-    }
-
-    fn on_open(&self) {
-        self.state(1.0, "open");
-    }
-
-    fn on_half_open(&self) {
-        self.state(0.5, "half-open");
-    }
-
-    fn on_closed(&self) {
-        self.state(0.0, "closed");
-    }
-}
-
 impl OpenAiProvider {
     /// Builds the provider; makes no network call (see [`OpenAiProvider::probe`]).
     pub fn new(config: OpenAiConfig) -> Result<Self> {
@@ -188,19 +137,21 @@ impl OpenAiProvider {
         if config.dimensions.is_some() {
             let _ = discovered.set(initial.clone());
         }
+        // The same breaker as every call between smartdb services (kit::client::breaker).
         let open = config.breaker_open.max(Duration::from_millis(1));
-        let breaker = failsafe::Config::new()
-            .failure_policy(failsafe::failure_policy::consecutive_failures(
-                config.breaker_failures.max(1),
-                Doubling {
-                    next: open,
-                    max: open.max(Duration::from_secs(60)),
-                },
-            ))
-            .instrument(BreakerMetrics {
-                model: config.model.clone(),
-            })
-            .build();
+        let breaker = Breaker::new(
+            &BreakerSettings {
+                consecutive_failures: config.breaker_failures.max(1),
+                open,
+                max_open: open.max(Duration::from_secs(60)),
+                ..BreakerSettings::default()
+            },
+            BreakerNames {
+                gauge: "embed_remote_breaker_open",
+                rejected: "embed_remote_rejected_total",
+                labels: vec![("model", config.model.clone())],
+            },
+        );
         Ok(Self {
             permits: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
             breaker,
@@ -239,7 +190,7 @@ impl OpenAiProvider {
 
     /// Sends one request (with retries) for `texts`, returning vectors in their order.
     async fn embed_chunk(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
-        if !self.breaker.is_call_permitted() {
+        if !self.breaker.permits() {
             return Err(Error::Unavailable(format!(
                 "model {:?}: its endpoint failed repeatedly, so it is not called for a while \
                  (circuit breaker open); other models still answer",
@@ -297,8 +248,8 @@ impl OpenAiProvider {
             Err(Failure {
                 kind: FailureKind::ServerError | FailureKind::Connection,
                 ..
-            }) => self.breaker.on_error(),
-            _ => self.breaker.on_success(),
+            }) => self.breaker.record(false),
+            _ => self.breaker.record(true),
         }
         let response = response.map_err(|failure| {
             metrics::counter!(

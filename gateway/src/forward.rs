@@ -5,11 +5,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use smartdb_kit::client::{Balancer, Downstream, Rpc};
 use smartdb_kit::context::{CallContext, strip_internal};
 use smartdb_kit::limits::Limits;
 use smartdb_proto::v1 as pb;
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Builds the context of a call entering the cluster: internal metadata is dropped, so the
@@ -20,37 +20,45 @@ pub fn edge_context<T>(request: &Request<T>) -> CallContext {
     CallContext::from_metadata(&metadata)
 }
 
-/// Clients of the owning services.
+/// Clients of the owning services (through the shared client stack).
 #[derive(Clone)]
 pub struct Forward {
-    kbs: pb::knowledge_base_service_client::KnowledgeBaseServiceClient<Channel>,
-    docs: pb::document_service_client::DocumentServiceClient<Channel>,
-    search: pb::search_service_client::SearchServiceClient<Channel>,
-    /// Deadline of a forwarded call when none reached us (calls through the server always have
-    /// one: the admission layer sets it).
-    default_timeout: Duration,
+    ingest: Downstream,
+    search: Downstream,
     upload_timeout: Duration,
 }
 
+type KbClient = pb::knowledge_base_service_client::KnowledgeBaseServiceClient<Balancer>;
+type DocClient = pb::document_service_client::DocumentServiceClient<Balancer>;
+type SearchClient = pb::search_service_client::SearchServiceClient<Balancer>;
+
 impl Forward {
-    /// Forwarder over channels to ingest-svc and search-svc, with message limits (the same as
-    /// every server's: the largest valid answer fits) and deadlines from `limits`.
-    pub fn new(ingest: Channel, search: Channel, limits: &Limits) -> Self {
-        let max = limits.message_bytes();
+    /// Forwarder to ingest-svc and search-svc, with the upload deadline from `limits`.
+    pub fn new(ingest: Downstream, search: Downstream, limits: &Limits) -> Self {
         Self {
-            kbs: pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(ingest.clone())
-                .max_encoding_message_size(max)
-                .max_decoding_message_size(max),
-            docs: pb::document_service_client::DocumentServiceClient::new(ingest)
-                .max_encoding_message_size(max)
-                .max_decoding_message_size(max),
-            search: pb::search_service_client::SearchServiceClient::new(search)
-                .max_encoding_message_size(max)
-                .max_decoding_message_size(max),
-            default_timeout: limits.default_deadline,
+            ingest,
+            search,
             upload_timeout: limits.upload_deadline,
         }
     }
+}
+
+fn kb_client(channel: Balancer, max: usize) -> KbClient {
+    KbClient::new(channel)
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max)
+}
+
+fn doc_client(channel: Balancer, max: usize) -> DocClient {
+    DocClient::new(channel)
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max)
+}
+
+fn search_client(channel: Balancer, max: usize) -> SearchClient {
+    SearchClient::new(channel)
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max)
 }
 
 /// An upload's messages on their way downstream. When the client's stream fails, the relay
@@ -83,26 +91,22 @@ impl tokio_stream::Stream for Relay {
     }
 }
 
-/// Makes a transport failure say which service could not be reached.
-fn downstream_error(service: &str, status: Status) -> Status {
-    match status.code() {
-        tonic::Code::Unavailable if !status.message().contains(service) => {
-            Status::unavailable(format!("{service} is unavailable: {}", status.message()))
-        }
-        _ => status,
-    }
-}
-
+/// Forwards a unary call to `$downstream` through the client stack (`$rpc` says whether it may
+/// be retried), with the caller's context.
 macro_rules! unary {
-    ($self:ident, $client:ident, $method:ident, $request:ident, $service:literal) => {{
+    ($self:ident, $downstream:ident, $client:ident, $method:ident, $rpc:expr, $request:ident) => {{
         let ctx = edge_context(&$request);
-        let outgoing = ctx.request($request.into_inner(), $self.default_timeout);
+        let max = $self.$downstream.max_message_bytes();
         $self
-            .$client
-            .clone()
-            .$method(outgoing)
+            .$downstream
+            .call(
+                &ctx,
+                $rpc,
+                $request.into_inner(),
+                move |ch, req| async move { $client(ch, max).$method(req).await },
+            )
             .await
-            .map_err(|s| downstream_error($service, s))
+            .map(Response::new)
     }};
 }
 
@@ -112,28 +116,56 @@ impl pb::knowledge_base_service_server::KnowledgeBaseService for Forward {
         &self,
         request: Request<pb::CreateKnowledgeBaseRequest>,
     ) -> Result<Response<pb::CreateKnowledgeBaseResponse>, Status> {
-        unary!(self, kbs, create_knowledge_base, request, "ingest-svc")
+        unary!(
+            self,
+            ingest,
+            kb_client,
+            create_knowledge_base,
+            Rpc::once("CreateKnowledgeBase"),
+            request
+        )
     }
 
     async fn get_knowledge_base(
         &self,
         request: Request<pb::GetKnowledgeBaseRequest>,
     ) -> Result<Response<pb::GetKnowledgeBaseResponse>, Status> {
-        unary!(self, kbs, get_knowledge_base, request, "ingest-svc")
+        unary!(
+            self,
+            ingest,
+            kb_client,
+            get_knowledge_base,
+            Rpc::idempotent("GetKnowledgeBase"),
+            request
+        )
     }
 
     async fn list_knowledge_bases(
         &self,
         request: Request<pb::ListKnowledgeBasesRequest>,
     ) -> Result<Response<pb::ListKnowledgeBasesResponse>, Status> {
-        unary!(self, kbs, list_knowledge_bases, request, "ingest-svc")
+        unary!(
+            self,
+            ingest,
+            kb_client,
+            list_knowledge_bases,
+            Rpc::idempotent("ListKnowledgeBases"),
+            request
+        )
     }
 
     async fn delete_knowledge_base(
         &self,
         request: Request<pb::DeleteKnowledgeBaseRequest>,
     ) -> Result<Response<pb::DeleteKnowledgeBaseResponse>, Status> {
-        unary!(self, kbs, delete_knowledge_base, request, "ingest-svc")
+        unary!(
+            self,
+            ingest,
+            kb_client,
+            delete_knowledge_base,
+            Rpc::once("DeleteKnowledgeBase"),
+            request
+        )
     }
 }
 
@@ -152,7 +184,8 @@ impl pb::document_service_server::DocumentService for Forward {
             failed: Some(failed_tx),
         };
         let outgoing = ctx.request(relay, self.upload_timeout);
-        let mut docs = self.docs.clone();
+        // A stream cannot be replayed: uploads are balanced and bounded, never retried.
+        let mut docs = doc_client(self.ingest.channel(), self.ingest.max_message_bytes());
         let call = docs.upload_document(outgoing);
         tokio::select! {
             biased;
@@ -160,7 +193,7 @@ impl pb::document_service_server::DocumentService for Forward {
                 "upload aborted by the client, nothing was stored: {}",
                 status.message()
             ))),
-            result = call => result.map_err(|s| downstream_error("ingest-svc", s)),
+            result = call => result,
         }
     }
 
@@ -168,41 +201,77 @@ impl pb::document_service_server::DocumentService for Forward {
         &self,
         request: Request<pb::IngestTextRequest>,
     ) -> Result<Response<pb::IngestTextResponse>, Status> {
-        let ctx = edge_context(&request);
-        let outgoing = ctx.request(request.into_inner(), self.upload_timeout);
-        self.docs
-            .clone()
-            .ingest_text(outgoing)
+        // Retrying is harmless: the same text in the same knowledge base is deduplicated.
+        let mut ctx = edge_context(&request);
+        if ctx.deadline.is_none() {
+            ctx.deadline = Some(std::time::Instant::now() + self.upload_timeout);
+        }
+        let max = self.ingest.max_message_bytes();
+        self.ingest
+            .call(
+                &ctx,
+                Rpc::idempotent("IngestText"),
+                request.into_inner(),
+                move |ch, req| async move { doc_client(ch, max).ingest_text(req).await },
+            )
             .await
-            .map_err(|s| downstream_error("ingest-svc", s))
+            .map(Response::new)
     }
 
     async fn get_document(
         &self,
         request: Request<pb::GetDocumentRequest>,
     ) -> Result<Response<pb::GetDocumentResponse>, Status> {
-        unary!(self, docs, get_document, request, "ingest-svc")
+        unary!(
+            self,
+            ingest,
+            doc_client,
+            get_document,
+            Rpc::idempotent("GetDocument"),
+            request
+        )
     }
 
     async fn list_documents(
         &self,
         request: Request<pb::ListDocumentsRequest>,
     ) -> Result<Response<pb::ListDocumentsResponse>, Status> {
-        unary!(self, docs, list_documents, request, "ingest-svc")
+        unary!(
+            self,
+            ingest,
+            doc_client,
+            list_documents,
+            Rpc::idempotent("ListDocuments"),
+            request
+        )
     }
 
     async fn delete_document(
         &self,
         request: Request<pb::DeleteDocumentRequest>,
     ) -> Result<Response<pb::DeleteDocumentResponse>, Status> {
-        unary!(self, docs, delete_document, request, "ingest-svc")
+        unary!(
+            self,
+            ingest,
+            doc_client,
+            delete_document,
+            Rpc::once("DeleteDocument"),
+            request
+        )
     }
 
     async fn retry_document(
         &self,
         request: Request<pb::RetryDocumentRequest>,
     ) -> Result<Response<pb::RetryDocumentResponse>, Status> {
-        unary!(self, docs, retry_document, request, "ingest-svc")
+        unary!(
+            self,
+            ingest,
+            doc_client,
+            retry_document,
+            Rpc::once("RetryDocument"),
+            request
+        )
     }
 }
 
@@ -212,7 +281,14 @@ impl pb::search_service_server::SearchService for Forward {
         &self,
         request: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
-        unary!(self, search, search, request, "search-svc")
+        unary!(
+            self,
+            search,
+            search_client,
+            search,
+            Rpc::idempotent("Search"),
+            request
+        )
     }
 }
 

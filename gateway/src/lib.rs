@@ -11,7 +11,7 @@ pub mod forward;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smartdb_kit::client::{ChannelOptions, channel};
+use smartdb_kit::client::Downstream as Client;
 use smartdb_kit::config::ServerArgs;
 use smartdb_kit::server::ServiceServer;
 use smartdb_proto::names;
@@ -23,7 +23,8 @@ pub struct Config {
     /// Listen addresses and logging.
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Address of ingest-svc.
+    /// Address of ingest-svc: `host:port`, a comma-separated list of replicas, or a DNS name
+    /// resolving to all of them (re-resolved every few seconds).
     #[arg(long, env = "SMARTDB_INGEST_ADDR", default_value = "127.0.0.1:50053")]
     pub ingest_addr: String,
     /// Address of search-svc.
@@ -32,7 +33,8 @@ pub struct Config {
     /// Address of embed-svc (for cluster status).
     #[arg(long, env = "SMARTDB_EMBED_ADDR", default_value = "127.0.0.1:50054")]
     pub embed_addr: String,
-    /// How often downstream health is checked.
+    /// How often the set of downstream replicas is looked at again for health watching (their
+    /// health itself is followed through `Health/Watch` streams as it changes).
     #[arg(long, env = "SMARTDB_HEALTH_INTERVAL", default_value = "2s", value_parser = smartdb_kit::config::parse_duration)]
     pub health_interval: Duration,
 }
@@ -42,25 +44,19 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let options = ChannelOptions::default();
-    let ingest = channel(&config.ingest_addr, &options)?;
-    let search = channel(&config.search_addr, &options)?;
-    let embed = channel(&config.embed_addr, &options)?;
+    let clients = config.server.client_settings();
+    let ingest = Client::connect("ingest-svc", &config.ingest_addr, &clients).await?;
+    let search = Client::connect("search-svc", &config.search_addr, &clients).await?;
+    let embed = Client::connect("embed-svc", &config.embed_addr, &clients).await?;
 
     let downstreams = Arc::new(admin::Downstreams::new(vec![
-        admin::Downstream::new(
-            "search-svc",
-            &config.search_addr,
-            search.clone(),
-            &[names::SEARCH],
-        ),
+        admin::Downstream::new("search-svc", search.clone(), &[names::SEARCH]),
         admin::Downstream::new(
             "ingest-svc",
-            &config.ingest_addr,
             ingest.clone(),
             &[names::KNOWLEDGE_BASE, names::DOCUMENT],
         ),
-        admin::Downstream::new("embed-svc", &config.embed_addr, embed, &[]),
+        admin::Downstream::new("embed-svc", embed, &[]),
     ]));
     let limits = &config.server.limits;
     let max = limits.message_bytes();

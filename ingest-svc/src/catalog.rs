@@ -117,6 +117,16 @@ impl Catalog {
         &self.limits
     }
 
+    /// Checks that the catalog answers and originals can be written (readiness).
+    pub async fn check_stores(&self) -> Result<()> {
+        self.store
+            .call(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+            .await?;
+        let mut probe = self.blobs.writer().await?;
+        probe.write(b"readiness probe").await?;
+        Ok(())
+    }
+
     // ---- knowledge bases ----
 
     /// Creates a knowledge base and its collection in the index.

@@ -3,12 +3,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use smartdb_kit::client::within;
+use smartdb_kit::client::{Downstream as Client, Rpc};
 use smartdb_kit::context::CallContext;
 use smartdb_proto::v1 as pb;
-use tonic::transport::Channel;
 
 use crate::chunk::Chunker;
 use crate::error::{Error, Result};
@@ -16,55 +14,72 @@ use crate::error::{Error, Result};
 /// Texts per Embed call: large enough to batch well, small enough to fit any provider limit.
 pub const EMBED_BATCH: usize = 32;
 
-/// Clients of embed-svc and search-svc.
+type EmbedClient = pb::embed_service_client::EmbedServiceClient<smartdb_kit::client::Balancer>;
+type IndexClient = pb::index_service_client::IndexServiceClient<smartdb_kit::client::Balancer>;
+
+/// Every call ingest-svc makes is idempotent: embeddings are pure, and index writes use
+/// deterministic point ids (a repeated create or delete of a collection is a no-op).
+const GET_MODEL_INFO: Rpc = Rpc::idempotent("GetModelInfo");
+const GET_TOKENIZER: Rpc = Rpc::idempotent("GetTokenizer");
+const EMBED: Rpc = Rpc::idempotent("Embed");
+const CREATE_COLLECTION: Rpc = Rpc::idempotent("CreateCollection");
+const DELETE_COLLECTION: Rpc = Rpc::idempotent("DeleteCollection");
+const UPSERT_POINTS: Rpc = Rpc::idempotent("UpsertPoints");
+const DELETE_POINTS: Rpc = Rpc::idempotent("DeletePoints");
+
+/// Clients of embed-svc and search-svc, through the shared client stack (balancing, breakers,
+/// retries, deadlines).
 pub struct Downstream {
-    embed: pb::embed_service_client::EmbedServiceClient<Channel>,
-    index: pb::index_service_client::IndexServiceClient<Channel>,
+    embed: Client,
+    index: Client,
     chunkers: Mutex<HashMap<String, Arc<Chunker>>>,
     chunk_bytes: usize,
-    /// Deadline of one downstream call when the caller set none (a worker's calls): the
-    /// default deadline of the limits.
-    call_timeout: Duration,
 }
 
 impl Downstream {
-    /// Clients over the given channels, with message limits from `limits`.
-    pub fn new(embed: Channel, index: Channel, limits: &smartdb_kit::limits::Limits) -> Self {
-        let max = limits.message_bytes();
+    /// Clients of embed-svc and search-svc; `chunk_bytes` bounds every chunk.
+    pub fn new(embed: Client, index: Client, chunk_bytes: usize) -> Self {
         Self {
-            embed: pb::embed_service_client::EmbedServiceClient::new(embed)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            index: pb::index_service_client::IndexServiceClient::new(index)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            embed,
+            index,
             chunkers: Mutex::default(),
-            chunk_bytes: limits.chunk_bytes,
-            call_timeout: limits.default_deadline,
+            chunk_bytes,
         }
+    }
+
+    fn embed_client(channel: smartdb_kit::client::Balancer, max: usize) -> EmbedClient {
+        EmbedClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    fn index_client(channel: smartdb_kit::client::Balancer, max: usize) -> IndexClient {
+        IndexClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
     }
 
     /// Describes an embedding model (empty = default); INVALID_ARGUMENT on `embedding_model` if unknown.
     pub async fn model_info(&self, ctx: &CallContext, model: &str) -> Result<pb::ModelInfo> {
-        let request = ctx.request(
-            pb::GetModelInfoRequest {
-                model: model.to_owned(),
-            },
-            self.call_timeout,
-        );
-        let response = within(
-            self.call_timeout,
-            self.embed.clone().get_model_info(request),
-        )
-        .await
-        .map_err(|s| match s.code() {
-            tonic::Code::InvalidArgument => {
-                Error::invalid("embedding_model", s.message().to_owned())
-            }
-            _ => Error::from_downstream("embed-svc", s),
-        })?;
+        let max = self.embed.max_message_bytes();
+        let response = self
+            .embed
+            .call(
+                ctx,
+                GET_MODEL_INFO,
+                pb::GetModelInfoRequest {
+                    model: model.to_owned(),
+                },
+                move |ch, req| async move { Self::embed_client(ch, max).get_model_info(req).await },
+            )
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::InvalidArgument => {
+                    Error::invalid("embedding_model", s.message().to_owned())
+                }
+                _ => Error::from_downstream("embed-svc", s),
+            })?;
         response
-            .into_inner()
             .model
             .ok_or_else(|| Error::Internal("embed-svc returned no model info".into()))
     }
@@ -74,16 +89,19 @@ impl Downstream {
         if let Some(chunker) = self.chunkers.lock().expect("chunkers lock").get(model) {
             return Ok(chunker.clone());
         }
-        let request = ctx.request(
-            pb::GetTokenizerRequest {
-                model: model.to_owned(),
-            },
-            self.call_timeout,
-        );
-        let response = within(self.call_timeout, self.embed.clone().get_tokenizer(request))
+        let max = self.embed.max_message_bytes();
+        let response = self
+            .embed
+            .call(
+                ctx,
+                GET_TOKENIZER,
+                pb::GetTokenizerRequest {
+                    model: model.to_owned(),
+                },
+                move |ch, req| async move { Self::embed_client(ch, max).get_tokenizer(req).await },
+            )
             .await
-            .map_err(|s| Error::from_downstream("embed-svc", s))?
-            .into_inner();
+            .map_err(|s| Error::from_downstream("embed-svc", s))?;
         let chunk_bytes = self.chunk_bytes;
         let chunker = tokio::task::spawn_blocking(move || {
             Chunker::from_json(
@@ -109,20 +127,24 @@ impl Downstream {
         model: &str,
         texts: &[String],
     ) -> Result<Vec<Vec<f32>>> {
+        let max = self.embed.max_message_bytes();
         let mut vectors = Vec::with_capacity(texts.len());
         for batch in texts.chunks(EMBED_BATCH) {
-            let request = ctx.request(
-                pb::EmbedRequest {
-                    texts: batch.to_vec(),
-                    kind: pb::InputKind::Document as i32,
-                    model: model.to_owned(),
-                },
-                self.call_timeout,
-            );
-            let response = within(self.call_timeout, self.embed.clone().embed(request))
+            let response = self
+                .embed
+                .call(
+                    ctx,
+                    EMBED,
+                    pb::EmbedRequest {
+                        texts: batch.to_vec(),
+                        kind: pb::InputKind::Document as i32,
+                        model: model.to_owned(),
+                    },
+                    move |ch, req| async move { Self::embed_client(ch, max).embed(req).await },
+                )
                 .await
                 .map_err(|s| Error::from_downstream("embed-svc", s))?;
-            let embeddings = response.into_inner().embeddings;
+            let embeddings = response.embeddings;
             if embeddings.len() != batch.len() {
                 return Err(Error::Internal(format!(
                     "embed-svc returned {} vectors for {} texts",
@@ -143,14 +165,14 @@ impl Downstream {
         request: pb::CreateCollectionRequest,
     ) -> Result<String> {
         let requested = request.knowledge_base_id.clone();
-        let mut index = self.index.clone();
-        let response = within(
-            self.call_timeout,
-            index.create_collection(ctx.request(request, self.call_timeout)),
-        )
-        .await
-        .map_err(|s| Error::from_downstream("search-svc", s))?
-        .into_inner();
+        let max = self.index.max_message_bytes();
+        let response = self
+            .index
+            .call(ctx, CREATE_COLLECTION, request, move |ch, req| async move {
+                Self::index_client(ch, max).create_collection(req).await
+            })
+            .await
+            .map_err(|s| Error::from_downstream("search-svc", s))?;
         Ok(if response.knowledge_base_id.is_empty() {
             requested
         } else {
@@ -160,16 +182,16 @@ impl Downstream {
 
     /// Drops a knowledge base's collection.
     pub async fn delete_collection(&self, ctx: &CallContext, kb_id: &str) -> Result<()> {
+        let max = self.index.max_message_bytes();
         let request = pb::DeleteCollectionRequest {
             knowledge_base_id: kb_id.to_owned(),
         };
-        let mut index = self.index.clone();
-        within(
-            self.call_timeout,
-            index.delete_collection(ctx.request(request, self.call_timeout)),
-        )
-        .await
-        .map_err(|s| Error::from_downstream("search-svc", s))?;
+        self.index
+            .call(ctx, DELETE_COLLECTION, request, move |ch, req| async move {
+                Self::index_client(ch, max).delete_collection(req).await
+            })
+            .await
+            .map_err(|s| Error::from_downstream("search-svc", s))?;
         Ok(())
     }
 
@@ -180,6 +202,7 @@ impl Downstream {
         kb_id: &str,
         points: Vec<pb::Point>,
     ) -> Result<()> {
+        let max = self.index.max_message_bytes();
         let mut points = points.into_iter().peekable();
         while points.peek().is_some() {
             let batch: Vec<_> = points
@@ -190,13 +213,12 @@ impl Downstream {
                 knowledge_base_id: kb_id.to_owned(),
                 points: batch,
             };
-            let mut index = self.index.clone();
-            within(
-                self.call_timeout,
-                index.upsert_points(ctx.request(request, self.call_timeout)),
-            )
-            .await
-            .map_err(|s| Error::from_downstream("search-svc", s))?;
+            self.index
+                .call(ctx, UPSERT_POINTS, request, move |ch, req| async move {
+                    Self::index_client(ch, max).upsert_points(req).await
+                })
+                .await
+                .map_err(|s| Error::from_downstream("search-svc", s))?;
         }
         Ok(())
     }
@@ -208,18 +230,18 @@ impl Downstream {
         kb_id: &str,
         ids: Vec<String>,
     ) -> Result<()> {
+        let max = self.index.max_message_bytes();
         for batch in ids.chunks(1024) {
             let request = pb::DeletePointsRequest {
                 knowledge_base_id: kb_id.to_owned(),
                 point_ids: batch.to_vec(),
             };
-            let mut index = self.index.clone();
-            within(
-                self.call_timeout,
-                index.delete_points(ctx.request(request, self.call_timeout)),
-            )
-            .await
-            .map_err(|s| Error::from_downstream("search-svc", s))?;
+            self.index
+                .call(ctx, DELETE_POINTS, request, move |ch, req| async move {
+                    Self::index_client(ch, max).delete_points(req).await
+                })
+                .await
+                .map_err(|s| Error::from_downstream("search-svc", s))?;
         }
         Ok(())
     }

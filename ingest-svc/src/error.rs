@@ -61,28 +61,36 @@ impl Error {
         )
     }
 
-    /// Classifies a failed call to another smartdb service named `service`.
+    /// A failed call to another smartdb service named `service`, by the shared classification:
+    /// outages and overload are transient (jobs wait them out), refusals keep their code.
     pub fn from_downstream(service: &str, status: tonic::Status) -> Self {
-        let message = format!("{service}: {}", status.message());
-        match status.code() {
-            tonic::Code::InvalidArgument => Error::InvalidArgument {
-                field: String::new(),
+        use smartdb_kit::status::{Failure, classify};
+        // Failures made by the client stack name the service already.
+        let message = if status.message().starts_with(service) {
+            status.message().to_owned()
+        } else {
+            format!("{service}: {}", status.message())
+        };
+        match classify(&status) {
+            Failure::Unavailable | Failure::DeadlineExceeded => Error::Unavailable(message),
+            Failure::Overloaded { retry_after } => Error::ResourceExhausted {
                 message,
+                retry_after: Some(retry_after.max(Duration::from_millis(100))),
             },
-            tonic::Code::NotFound => Error::NotFound(message),
-            tonic::Code::AlreadyExists => Error::AlreadyExists(message),
-            tonic::Code::FailedPrecondition => Error::FailedPrecondition(message),
-            tonic::Code::ResourceExhausted => Error::ResourceExhausted {
-                message,
-                retry_after: Some(Duration::from_secs(1)),
+            Failure::Rejected => match status.code() {
+                tonic::Code::InvalidArgument => Error::InvalidArgument {
+                    field: String::new(),
+                    message,
+                },
+                tonic::Code::NotFound => Error::NotFound(message),
+                tonic::Code::AlreadyExists => Error::AlreadyExists(message),
+                tonic::Code::ResourceExhausted => Error::ResourceExhausted {
+                    message,
+                    retry_after: None,
+                },
+                _ => Error::FailedPrecondition(message),
             },
-            // Timeouts surface as Cancelled/DeadlineExceeded and refused connections as
-            // Unavailable: all worth retrying.
-            tonic::Code::Unavailable
-            | tonic::Code::Cancelled
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Aborted => Error::Unavailable(message),
-            _ => Error::Internal(message),
+            Failure::Fault => Error::Internal(message),
         }
     }
 }
@@ -116,7 +124,8 @@ impl From<Error> for tonic::Status {
                 retry_after,
             } => status::resource_exhausted(message, retry_after),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
-            Error::Unavailable(m) => tonic::Status::unavailable(m),
+            // Already retried here: callers should not retry at once (see dependency_unavailable).
+            Error::Unavailable(m) => status::dependency_unavailable(m),
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 tonic::Status::internal(m)

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use smartdb_kit::client::{ChannelOptions, channel};
+use smartdb_kit::client::Downstream as Client;
 use smartdb_kit::config::{ServerArgs, parse_duration};
 use smartdb_kit::server::ServiceServer;
 use smartdb_proto::v1::document_service_server::DocumentServiceServer;
@@ -34,10 +34,11 @@ pub struct Config {
     /// Directory of the catalog and the originals (default: `<SMARTDB_DATA_DIR>/ingest`).
     #[arg(long, env = "SMARTDB_INGEST_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address of embed-svc.
+    /// Address of embed-svc: `host:port`, a comma-separated list of replicas, or a DNS name
+    /// resolving to all of them (re-resolved every few seconds).
     #[arg(long, env = "SMARTDB_EMBED_ADDR", default_value = "127.0.0.1:50054")]
     pub embed_addr: String,
-    /// Address of search-svc (its IndexService).
+    /// Address of search-svc (its IndexService), in the same forms.
     #[arg(long, env = "SMARTDB_SEARCH_ADDR", default_value = "127.0.0.1:50052")]
     pub search_addr: String,
     /// Indexing workers running at once.
@@ -70,11 +71,11 @@ pub async fn serve(
     limits.validate()?;
     let store = store::Store::open(&data_dir.join("catalog.db"))?;
     let blobs = blobs::BlobStore::open(&data_dir.join("originals"))?;
-    let options = ChannelOptions::default();
+    let clients = config.server.client_settings();
     let downstream = Arc::new(downstream::Downstream::new(
-        channel(&config.embed_addr, &options)?,
-        channel(&config.search_addr, &options)?,
-        &limits,
+        Client::connect("embed-svc", &config.embed_addr, &clients).await?,
+        Client::connect("search-svc", &config.search_addr, &clients).await?,
+        limits.chunk_bytes,
     ));
     let jobs = worker::JobSettings {
         lease: config.lease,
@@ -119,7 +120,7 @@ pub async fn serve(
         })
     };
 
-    let api = grpc::CatalogGrpc::new(catalog);
+    let api = grpc::CatalogGrpc::new(catalog.clone());
     let mut server = ServiceServer::new("ingest-svc").await;
     let max = limits.message_bytes();
     server.add_service(
@@ -132,12 +133,20 @@ pub async fn serve(
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
     );
-    let health = server.health();
-    tokio::spawn(async move { health.set_serving().await });
+    // Ready while the catalog answers and originals can be written: its own stores are its
+    // only hard dependencies (embed-svc or search-svc being away only makes jobs wait).
+    let readiness = {
+        let catalog = catalog.clone();
+        server.health().follow(Duration::from_secs(5), move || {
+            let catalog = catalog.clone();
+            async move { catalog.check_stores().await.map_err(|e| e.to_string()) }
+        })
+    };
     let result = server.run(&config.server, shutdown).await;
     // Workers stop at once and give their jobs back, so a restart picks them up without
     // waiting out the leases.
     gc.abort();
+    readiness.abort();
     let _ = stop_workers.send(true);
     for worker in workers {
         let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;

@@ -489,15 +489,16 @@ mod in_flight {
         // Accepts (the kernel does) but never speaks HTTP/2: every call hangs.
         let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = stalled.local_addr().unwrap().to_string();
-        let options = smartdb_kit::client::ChannelOptions::default();
-        let limits = Limits {
-            default_deadline: Duration::from_secs(60),
-            ..limits
+        let settings = smartdb_kit::client::ClientSettings {
+            attempt_timeout: Duration::from_secs(60),
+            default_timeout: Duration::from_secs(60),
+            ..Default::default()
         };
+        let client = |name| smartdb_kit::client::Downstream::connect(name, &addr, &settings);
         let downstream = Arc::new(Downstream::new(
-            smartdb_kit::client::channel(&addr, &options).unwrap(),
-            smartdb_kit::client::channel(&addr, &options).unwrap(),
-            &limits,
+            client("embed-svc").await.unwrap(),
+            client("search-svc").await.unwrap(),
+            limits.chunk_bytes,
         ));
         let catalog = Arc::new(Catalog::new(
             store::Store::open(&dir.path().join("catalog.db")).unwrap(),

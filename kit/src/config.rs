@@ -24,9 +24,102 @@ pub struct ServerArgs {
     /// Limits on calls, sizes and deadlines.
     #[command(flatten)]
     pub limits: crate::limits::Limits,
+    /// How this service calls the others.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// How a service calls other smartdb services (see `kit::client`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// Longest one attempt of a call to another service may take; a retry may follow while the
+    /// call's deadline allows.
+    #[arg(long = "client-attempt-timeout", env = "SMARTDB_CLIENT_ATTEMPT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub attempt_timeout: Duration,
+    /// Retries of a failed idempotent call to another service (only failures that may pass:
+    /// unavailable, or overloaded with a retry hint).
+    #[arg(
+        long = "client-retries",
+        env = "SMARTDB_CLIENT_RETRIES",
+        default_value_t = 2
+    )]
+    pub retries: u32,
+    /// Share of recent calls that may be retries (the retry budget), so that retries never
+    /// multiply the load on a struggling service.
+    #[arg(
+        long = "client-retry-budget",
+        env = "SMARTDB_CLIENT_RETRY_BUDGET",
+        default_value_t = 0.2
+    )]
+    pub retry_budget: f32,
+    /// Connection failures or unanswered attempts in a row that open an endpoint's circuit
+    /// breaker (calls then fail fast, or go to other replicas).
+    #[arg(
+        long = "client-breaker-failures",
+        env = "SMARTDB_CLIENT_BREAKER_FAILURES",
+        default_value_t = 5
+    )]
+    pub breaker_failures: u32,
+    /// How long an endpoint's breaker first stays open before a trial call (doubling, up to
+    /// 5 s or this if longer, while trials fail).
+    #[arg(long = "client-breaker-open", env = "SMARTDB_CLIENT_BREAKER_OPEN", default_value = "1s", value_parser = parse_duration)]
+    pub breaker_open: Duration,
+    /// Calls in flight to one endpoint of another service; beyond it, calls are shed at once.
+    #[arg(
+        id = "client_max_in_flight",
+        value_name = "N",
+        long = "client-max-in-flight",
+        env = "SMARTDB_CLIENT_MAX_IN_FLIGHT",
+        default_value_t = 256
+    )]
+    pub max_in_flight: usize,
+    /// How often DNS names of other services are resolved again (to follow their replicas).
+    #[arg(long = "client-dns-refresh", env = "SMARTDB_CLIENT_DNS_REFRESH", default_value = "5s", value_parser = parse_duration)]
+    pub dns_refresh: Duration,
+}
+
+impl Default for ClientArgs {
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            client: ClientArgs,
+        }
+        <Defaults as clap::Parser>::parse_from(["client"]).client
+    }
+}
+
+impl ClientArgs {
+    /// Client settings from these flags and the `limits` (message sizes, default deadline).
+    pub fn settings(&self, limits: &crate::limits::Limits) -> crate::client::ClientSettings {
+        let defaults = crate::client::ClientSettings::default();
+        crate::client::ClientSettings {
+            attempt_timeout: self.attempt_timeout,
+            max_in_flight_per_endpoint: self.max_in_flight.max(1),
+            retry: crate::client::RetrySettings {
+                max_retries: self.retries,
+                budget_percent: self.retry_budget,
+                ..defaults.retry
+            },
+            breaker: crate::client::BreakerSettings {
+                consecutive_failures: self.breaker_failures.max(1),
+                open: self.breaker_open,
+                ..defaults.breaker
+            },
+            refresh: self.dns_refresh,
+            max_message_bytes: limits.message_bytes(),
+            default_timeout: limits.default_deadline,
+            ..defaults
+        }
+    }
 }
 
 impl ServerArgs {
+    /// Settings of this service's clients of other services.
+    pub fn client_settings(&self) -> crate::client::ClientSettings {
+        self.client.settings(&self.limits)
+    }
+
     /// Arguments for an in-process server on `listen` with no HTTP endpoint (tests, embedding).
     pub fn on(listen: SocketAddr) -> Self {
         Self {
@@ -35,6 +128,7 @@ impl ServerArgs {
             log_json: false,
             drain_timeout: Duration::from_secs(5),
             limits: crate::limits::Limits::default(),
+            client: ClientArgs::default(),
         }
     }
 }
@@ -99,5 +193,30 @@ mod tests {
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    #[test]
+    fn server_args_parse_and_have_distinct_ids() {
+        use clap::{CommandFactory, Parser};
+        // Catches two flattened groups declaring the same argument id (clap refuses at run time).
+        Cli::command().debug_assert();
+        let args = [
+            "svc",
+            "--listen",
+            "127.0.0.1:1",
+            "--client-max-in-flight",
+            "7",
+            "--max-in-flight",
+            "9",
+        ];
+        let cli = Cli::try_parse_from(args).unwrap();
+        assert_eq!(cli.server.client.max_in_flight, 7);
+        assert_eq!(cli.server.limits.max_in_flight, 9);
     }
 }

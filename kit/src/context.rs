@@ -19,7 +19,7 @@ pub const INTERNAL_PREFIX: &str = "x-smartdb-";
 pub const DEFAULT_TENANT: &str = "default";
 
 /// Margin kept back when passing a deadline on, so the callee gives up before we do.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+pub const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
 /// Per-call context extracted from incoming metadata.
 #[derive(Debug, Clone)]

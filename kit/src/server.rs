@@ -25,12 +25,18 @@ pub struct Health {
     /// Whether the server is ready; the lock orders status writes, so a late "starting" write
     /// can never overwrite "ready".
     ready: Arc<tokio::sync::Mutex<bool>>,
+    /// Set once shutdown began: nothing may report SERVING again.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Health {
-    /// Marks the server and all its services SERVING: it can really answer now.
+    /// Marks the server and all its services SERVING: it can really answer now (never once it
+    /// is draining).
     pub async fn set_serving(&self) {
         let mut ready = self.ready.lock().await;
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         *ready = true;
         self.set_all(ServingStatus::Serving).await;
     }
@@ -40,6 +46,45 @@ impl Health {
         let mut ready = self.ready.lock().await;
         *ready = false;
         self.set_all(ServingStatus::NotServing).await;
+    }
+
+    /// Keeps readiness equal to `check`, asked every `every`: SERVING while it passes,
+    /// NOT_SERVING while it fails (one log line per change). Only a service's own hard
+    /// dependencies belong in `check` (its stores, its model): another smartdb service being
+    /// away must make answers degrade or fail fast, never make this one unready. Stops when the
+    /// server starts draining.
+    pub fn follow<F, Fut>(&self, every: Duration, check: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), String>> + Send,
+    {
+        let health = self.clone();
+        tokio::spawn(async move {
+            let mut was_ok = None;
+            loop {
+                let result = check().await;
+                if health.draining.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                let ok = result.is_ok();
+                if was_ok != Some(ok) {
+                    match &result {
+                        Ok(()) => {
+                            if was_ok.is_some() {
+                                tracing::info!("a hard dependency is back: SERVING");
+                            }
+                            health.set_serving().await;
+                        }
+                        Err(why) => {
+                            tracing::error!(reason = %why, "a hard dependency failed: NOT_SERVING");
+                            health.set_not_serving().await;
+                        }
+                    }
+                    was_ok = Some(ok);
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
     }
 
     /// Reports NOT_SERVING for every service unless the server already became ready.
@@ -76,6 +121,7 @@ pub struct ServiceServer {
     http: axum::Router,
     reporter: HealthReporter,
     ready: Arc<tokio::sync::Mutex<bool>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
@@ -98,6 +144,7 @@ impl ServiceServer {
             http: crate::metrics::router(),
             reporter,
             ready: Arc::default(),
+            draining: Arc::default(),
             health_service,
         }
     }
@@ -131,6 +178,7 @@ impl ServiceServer {
             reporter: self.reporter.clone(),
             services: self.services.clone(),
             ready: self.ready.clone(),
+            draining: self.draining.clone(),
         }
     }
 
@@ -206,6 +254,9 @@ impl ServiceServer {
             async move {
                 stopped(rx).await;
                 // Tell load balancers and probes first, then stop accepting.
+                health_on_stop
+                    .draining
+                    .store(true, std::sync::atomic::Ordering::Release);
                 health_on_stop.set_not_serving().await;
                 tracing::info!(service = name, "draining in-flight calls");
             }

@@ -16,9 +16,13 @@ pub enum Error {
     /// The named thing does not exist.
     #[error("{0}")]
     NotFound(String),
-    /// A dependency is down or overloaded; the call may be retried.
+    /// A dependency is down or overloaded (and was already retried here): callers should not
+    /// retry at once.
     #[error("{0}")]
     Unavailable(String),
+    /// The call's time ran out (waiting on a dependency).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A bug or an I/O failure on our side.
     #[error("{0}")]
     Internal(String),
@@ -42,6 +46,29 @@ impl Error {
     }
 }
 
+impl Error {
+    /// A failed call to another smartdb service named `service`, by the shared classification;
+    /// an INVALID_ARGUMENT from it is blamed on the caller's `field`.
+    pub fn from_downstream(service: &str, status: tonic::Status, field: &'static str) -> Self {
+        use smartdb_kit::status::{Failure, classify};
+        // Failures made by the client stack name the service already.
+        let message = if status.message().starts_with(service) {
+            status.message().to_owned()
+        } else {
+            format!("{service}: {}", status.message())
+        };
+        match classify(&status) {
+            Failure::Unavailable | Failure::Overloaded { .. } => Error::Unavailable(message),
+            Failure::DeadlineExceeded => Error::DeadlineExceeded(message),
+            Failure::Rejected if status.code() == tonic::Code::InvalidArgument => {
+                Error::invalid(field, message)
+            }
+            Failure::Rejected if status.code() == tonic::Code::NotFound => Error::NotFound(message),
+            Failure::Rejected | Failure::Fault => Error::Internal(message),
+        }
+    }
+}
+
 /// Result with search-svc's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -50,7 +77,8 @@ impl From<Error> for tonic::Status {
         match err {
             Error::InvalidArgument { field, message } => status::invalid_argument(&field, message),
             Error::NotFound(m) => tonic::Status::not_found(m),
-            Error::Unavailable(m) => tonic::Status::unavailable(m),
+            Error::Unavailable(m) => status::dependency_unavailable(m),
+            Error::DeadlineExceeded(m) => tonic::Status::deadline_exceeded(m),
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 tonic::Status::internal(m)

@@ -168,4 +168,16 @@ impl pb::index_service_server::IndexService for IndexGrpc {
         self.versions.bump(&r.knowledge_base_id);
         Ok(Response::new(pb::DeletePointsResponse {}))
     }
+
+    async fn get_collection_stats(
+        &self,
+        request: Request<pb::GetCollectionStatsRequest>,
+    ) -> Result<Response<pb::GetCollectionStatsResponse>, Status> {
+        let r = request.into_inner();
+        parse_uuid("knowledge_base_id", &r.knowledge_base_id)?;
+        let point_count = self.index.count(&r.knowledge_base_id).await?;
+        Ok(Response::new(pb::GetCollectionStatsResponse {
+            point_count,
+        }))
+    }
 }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smartdb_kit::client::{ChannelOptions, channel};
+use smartdb_kit::client::Downstream;
 use smartdb_kit::config::ServerArgs;
 use smartdb_kit::server::ServiceServer;
 use smartdb_proto::v1::index_service_server::IndexServiceServer;
@@ -29,7 +29,8 @@ pub struct Config {
     /// Directory of the embedded index (default: `<SMARTDB_DATA_DIR>/search`).
     #[arg(long, env = "SMARTDB_SEARCH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address of embed-svc.
+    /// Address of embed-svc: `host:port`, a comma-separated list of replicas, or a DNS name
+    /// resolving to all of them (re-resolved every few seconds).
     #[arg(long, env = "SMARTDB_EMBED_ADDR", default_value = "127.0.0.1:50054")]
     pub embed_addr: String,
     /// Memory for the search-result cache, in MiB.
@@ -51,7 +52,12 @@ pub async fn serve(
         Arc::new(tokio::task::spawn_blocking(move || index::edge::EdgeIndex::open(&dir)).await??)
     };
     let versions = Arc::new(cache::Versions::default());
-    let embed = channel(&config.embed_addr, &ChannelOptions::default())?;
+    let embed = Downstream::connect(
+        "embed-svc",
+        &config.embed_addr,
+        &config.server.client_settings(),
+    )
+    .await?;
     let limits = config.server.limits.clone();
     let max = limits.message_bytes();
     let searcher = Arc::new(search::Searcher::new(

@@ -3,12 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
+use smartdb_kit::client::{Downstream, Rpc};
 use smartdb_kit::context::CallContext;
 use smartdb_kit::limits::{self, Limits};
 use smartdb_proto::v1 as pb;
-use tonic::transport::Channel;
 
 use crate::cache::{QueryKey, ResultCache, Versions};
 use crate::error::{Error, Result};
@@ -16,8 +15,6 @@ use crate::index::{DenseQuery, ScoredChunk, SearchFilter, VectorIndex};
 
 /// Most document ids one search may filter on.
 pub const MAX_FILTER_DOCUMENTS: usize = 1024;
-/// Time allowed for embedding the query when the caller set no deadline.
-const EMBED_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A search as the domain sees it.
 #[derive(Debug, Clone)]
@@ -97,25 +94,21 @@ pub struct SearchAnswer {
 /// Executes searches.
 pub struct Searcher {
     index: Arc<dyn VectorIndex>,
-    embed: pb::embed_service_client::EmbedServiceClient<Channel>,
+    embed: Downstream,
     cache: ResultCache,
     versions: Arc<Versions>,
     limits: Limits,
 }
 
 impl Searcher {
-    /// A searcher over `index`, embedding queries through `embed`.
+    /// A searcher over `index`, embedding queries through `embed` (embed-svc's client).
     pub fn new(
         index: Arc<dyn VectorIndex>,
-        embed: Channel,
+        embed: Downstream,
         cache: ResultCache,
         versions: Arc<Versions>,
         limits: Limits,
     ) -> Self {
-        let max = limits.message_bytes();
-        let embed = pb::embed_service_client::EmbedServiceClient::new(embed)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
         Self {
             index,
             embed,
@@ -183,30 +176,28 @@ impl Searcher {
     }
 
     async fn embed_query(&self, ctx: &CallContext, query: &str, model: &str) -> Result<Vec<f32>> {
-        let request = ctx.request(
-            pb::EmbedRequest {
-                texts: vec![query.to_owned()],
-                kind: pb::InputKind::Query as i32,
-                model: model.to_owned(),
-            },
-            EMBED_TIMEOUT,
-        );
-        let response =
-            self.embed
-                .clone()
-                .embed(request)
-                .await
-                .map_err(|status| match status.code() {
-                    tonic::Code::InvalidArgument => {
-                        Error::invalid("query", status.message().to_owned())
-                    }
-                    _ => Error::Unavailable(format!(
-                        "embedding service unavailable: {}",
-                        status.message()
-                    )),
-                })?;
+        let max = self.embed.max_message_bytes();
+        let response = self
+            .embed
+            .call(
+                ctx,
+                Rpc::idempotent("Embed"),
+                pb::EmbedRequest {
+                    texts: vec![query.to_owned()],
+                    kind: pb::InputKind::Query as i32,
+                    model: model.to_owned(),
+                },
+                move |ch, req| async move {
+                    pb::embed_service_client::EmbedServiceClient::new(ch)
+                        .max_decoding_message_size(max)
+                        .max_encoding_message_size(max)
+                        .embed(req)
+                        .await
+                },
+            )
+            .await
+            .map_err(|status| Error::from_downstream("embed-svc", status, "query"))?;
         response
-            .into_inner()
             .embeddings
             .into_iter()
             .next()

@@ -5,31 +5,14 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use common::{
-    Cluster, create_kb, eventually, get_document, http_get, ingest_text, signal, wait_for_status,
+    Cluster, create_kb, eventually, get_document, http_get, ingest_text, scifact, signal,
+    wait_for_status,
 };
 use smartdb_proto::v1 as pb;
 use tonic::Code;
-
-/// The SciFact corpus committed in `tests/data` (5,183 abstracts), as (id, text).
-fn scifact() -> Vec<(String, String)> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/scifact-corpus.jsonl.gz");
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    std::io::BufReader::new(flate2::read::GzDecoder::new(file))
-        .lines()
-        .map(|line| {
-            let doc: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-            (
-                doc["_id"].as_str().unwrap().to_owned(),
-                doc["text"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
 
 fn header(kb: &str, source_name: &str) -> pb::UploadDocumentRequest {
     pb::UploadDocumentRequest {
@@ -641,10 +624,7 @@ async fn servers_bound_deadlines_and_shed_load() {
     let err = common::search(&cluster, "kb", "what do owls do")
         .await
         .unwrap_err();
-    assert!(
-        matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable),
-        "{err:?}"
-    );
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(1800) && took < Duration::from_secs(4),
@@ -660,10 +640,7 @@ async fn servers_bound_deadlines_and_shed_load() {
     });
     request.set_timeout(Duration::from_secs(3600));
     let err = cluster.search().await.search(request).await.unwrap_err();
-    assert!(
-        matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable),
-        "{err:?}"
-    );
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -436,4 +437,21 @@ pub async fn try_http_get(addr: &str, path: &str) -> Option<(String, String)> {
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// The SciFact corpus committed in `tests/data` (5,183 abstracts), as (id, text).
+pub fn scifact() -> Vec<(String, String)> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/scifact-corpus.jsonl.gz");
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::io::BufReader::new(flate2::read::GzDecoder::new(file))
+        .lines()
+        .map(|line| {
+            let doc: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            (
+                doc["_id"].as_str().unwrap().to_owned(),
+                doc["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
