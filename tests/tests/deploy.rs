@@ -756,7 +756,18 @@ async fn rules_dashboard_and_probes_match_the_running_services() {
     let external = name_list("deploy/prometheus/external-metrics.txt");
     let probes = probe_names(&k8s_objects());
 
-    let cluster = Cluster::start().await;
+    // Plus a remote model whose endpoint is down, with a breaker that opens at the first failed
+    // request (embed-svc's start-up probe): the remote-model metrics appear as in production.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let dead_endpoint = format!("http://127.0.0.1:{dead_port}/v1");
+    let cluster = Cluster::start_with_env(&[
+        ("SMARTDB_OPENAI_BASE_URL", &dead_endpoint),
+        ("SMARTDB_OPENAI_BREAKER_FAILURES", "1"),
+    ])
+    .await;
     // A little of everything: a knowledge base, a document through the whole ingest path, a
     // search twice (cache miss, then hit), and a caller's mistake (an error code).
     create_kb(&cluster, "deploy").await;
