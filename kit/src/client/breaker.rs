@@ -178,13 +178,13 @@ impl Breaker {
             periods,
         ));
         let state = Arc::new(AtomicU8::new(CLOSED));
-        let machine = failsafe::StateMachine::new(
-            policy,
-            Instrument {
-                names,
-                state: state.clone(),
-            },
-        );
+        let instrument = Instrument {
+            names,
+            state: state.clone(),
+        };
+        // Every breaker shows up closed from the start, so dashboards and alerts see 0, not nothing.
+        metrics::gauge!(instrument.names.gauge, instrument.labels()).set(0.0);
+        let machine = failsafe::StateMachine::new(policy, instrument);
         Self {
             machine,
             state,
