@@ -64,7 +64,7 @@ pub struct SearchArgs {
     raw: bool,
 }
 
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(addr: &str) -> anyhow::Result<Channel> {
     let endpoint =
         Channel::from_shared(addr.to_owned()).with_context(|| format!("invalid address {addr}"))?;
     endpoint

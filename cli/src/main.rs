@@ -1,7 +1,8 @@
 //! `smartdb`: start the whole cluster locally (`up`), run one service (`serve`, as Kubernetes
-//! does), and work with knowledge bases from the shell (`kb`, `ingest`, `search`, `status`).
+//! does), and work with knowledge bases from the shell (`kb`, `ingest`, `search`, `status`), and measure search quality (`eval`).
 
 mod commands;
+mod eval;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,8 @@ enum Command {
     Search(commands::SearchArgs),
     /// Show the health of every service.
     Status,
+    /// Measure retrieval quality on a BEIR dataset (nDCG@10, recall@100, MRR@10 per mode).
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -87,5 +90,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest(args) => commands::ingest(&cli.addr, args).await,
         Command::Search(args) => commands::search(&cli.addr, args).await,
         Command::Status => commands::status(&cli.addr).await,
+        Command::Eval(args) => eval::run(&cli.addr, args).await,
     }
 }

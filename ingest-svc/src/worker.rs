@@ -321,10 +321,22 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     {
         return finish(catalog, job).await;
     }
+    // Each chunk is embedded with its document's title in front: a chunk rarely repeats the
+    // title, which often says best what the chunk is about. (embed-svc truncates the rare input
+    // that the title pushes past the model's limit; search-svc adds the title to the BM25 text.)
+    let embedded: Vec<String> = if doc.title.trim().is_empty() {
+        chunks.clone()
+    } else {
+        chunks
+            .iter()
+            .map(|chunk| format!("{}\n{chunk}", doc.title))
+            .collect()
+    };
     let vectors = catalog
         .downstream
-        .embed_documents(&ctx, &kb.embedding_model, &chunks)
+        .embed_documents(&ctx, &kb.embedding_model, &embedded)
         .await?;
+    drop(embedded);
     if !set_status(catalog, &doc.id, Status::Storing).await? {
         return finish(catalog, job).await;
     }

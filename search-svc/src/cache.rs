@@ -2,7 +2,7 @@
 //! through `IndexService` bumps, so a cached answer is never served after its knowledge base
 //! changed: stale entries simply stop being asked for and age out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -44,37 +44,16 @@ pub struct QueryKey<'a> {
     pub collection_id: &'a str,
     /// Its version at lookup time.
     pub version: u64,
-    /// The query text.
-    pub query: &'a str,
-    /// Hits asked for.
-    pub top_k: usize,
-    /// Metadata filter.
-    pub filter: &'a BTreeMap<String, String>,
-    /// Document filter.
-    pub document_ids: &'a [String],
+    /// Everything else that shapes the answer (query, mode, filters, paging), canonically.
+    pub request: &'a str,
 }
 
 impl QueryKey<'_> {
     fn digest(&self) -> [u8; 32] {
         let mut h = Sha256::new();
-        for part in [
-            self.collection_id,
-            &self.version.to_string(),
-            self.query,
-            &self.top_k.to_string(),
-        ] {
+        for part in [self.collection_id, &self.version.to_string(), self.request] {
             h.update(part.as_bytes());
             h.update([0]);
-        }
-        for (k, v) in self.filter {
-            h.update(k.as_bytes());
-            h.update([1]);
-            h.update(v.as_bytes());
-            h.update([0]);
-        }
-        for id in self.document_ids {
-            h.update(id.as_bytes());
-            h.update([2]);
         }
         h.finalize().into()
     }
@@ -102,7 +81,7 @@ fn answer_bytes(answer: &SearchAnswer) -> u32 {
                 + 160
         })
         .sum();
-    (hits + answer.embedding_model.len() + 96)
+    (hits + answer.embedding_model.len() + 128)
         .try_into()
         .unwrap_or(u32::MAX)
 }
@@ -160,6 +139,9 @@ mod tests {
                 })
                 .collect(),
             embedding_model: "m".into(),
+            mode: crate::search::Mode::Hybrid,
+            degraded: None,
+            next_offset: None,
         }
     }
 
@@ -167,16 +149,12 @@ mod tests {
     fn the_cache_is_bounded_by_bytes_not_entries() {
         // Each answer is ~300 KB; a 2 MB cache keeps only a handful, whatever the entry count.
         let cache = ResultCache::new(2 << 20, Duration::from_secs(600));
-        let filter = BTreeMap::new();
         for i in 0..50 {
             let query = format!("query {i}");
             let key = QueryKey {
                 collection_id: "kb",
                 version: 0,
-                query: &query,
-                top_k: 100,
-                filter: &filter,
-                document_ids: &[],
+                request: &query,
             };
             cache.insert(&key, big_answer(i));
         }
@@ -192,15 +170,11 @@ mod tests {
     #[test]
     fn version_bump_changes_the_key() {
         let versions = Versions::default();
-        let filter = BTreeMap::new();
         let key = |v| {
             QueryKey {
                 collection_id: "kb",
                 version: v,
-                query: "q",
-                top_k: 10,
-                filter: &filter,
-                document_ids: &[],
+                request: "q",
             }
             .digest()
         };

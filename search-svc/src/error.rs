@@ -47,6 +47,22 @@ impl Error {
 }
 
 impl Error {
+    /// True for failures of a dependency that a search can answer around (degrading).
+    pub fn is_degradable(&self) -> bool {
+        matches!(self, Error::Unavailable(_) | Error::DeadlineExceeded(_))
+    }
+
+    /// Short label of the failure kind, for metrics.
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::NotFound(_) => "not_found",
+            Error::Unavailable(_) => "unavailable",
+            Error::DeadlineExceeded(_) => "deadline_exceeded",
+            Error::Internal(_) => "internal",
+        }
+    }
+
     /// A failed call to another smartdb service named `service`, by the shared classification;
     /// an INVALID_ARGUMENT from it is blamed on the caller's `field`.
     pub fn from_downstream(service: &str, status: tonic::Status, field: &'static str) -> Self {

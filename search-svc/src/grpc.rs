@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::cache::Versions;
 use crate::error::{Error, Result};
 use crate::index::{ChunkPayload, CollectionInfo, IndexPoint, VectorIndex};
+use crate::lexical::Analyzer;
 use crate::search::{SearchQuery, Searcher};
 
 /// The public search API.
@@ -31,8 +32,10 @@ impl pb::search_service_server::SearchService for SearchGrpc {
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let ctx = CallContext::from_request(&request);
         let query = SearchQuery::from_request(request.into_inner(), self.searcher.limits())?;
-        let (answer, cached) = self.searcher.search(&ctx, query).await?;
+        let (answer, cached) = self.searcher.search(&ctx, &query).await?;
+        let next_page_token = answer.next_page_token(&query);
         Ok(Response::new(pb::SearchResponse {
+            next_page_token,
             hits: answer
                 .hits
                 .into_iter()
@@ -46,9 +49,9 @@ impl pb::search_service_server::SearchService for SearchGrpc {
                     source_name: hit.payload.source_name,
                 })
                 .collect(),
-            mode: pb::SearchMode::Dense as i32,
-            degraded: false,
-            degraded_reason: String::new(),
+            mode: answer.mode.to_proto() as i32,
+            degraded: answer.degraded.is_some(),
+            degraded_reason: answer.degraded.unwrap_or_default(),
             cached,
             embedding_model: answer.embedding_model,
         }))
@@ -59,12 +62,22 @@ impl pb::search_service_server::SearchService for SearchGrpc {
 pub struct IndexGrpc {
     index: Arc<dyn VectorIndex>,
     versions: Arc<Versions>,
+    analyzer: Arc<Analyzer>,
 }
 
 impl IndexGrpc {
-    /// Writes to `index`, bumping `versions` on every change.
-    pub fn new(index: Arc<dyn VectorIndex>, versions: Arc<Versions>) -> Self {
-        Self { index, versions }
+    /// Writes to `index`, bumping `versions` on every change; `analyzer` builds each point's
+    /// BM25 vector from its title and text.
+    pub fn new(
+        index: Arc<dyn VectorIndex>,
+        versions: Arc<Versions>,
+        analyzer: Arc<Analyzer>,
+    ) -> Self {
+        Self {
+            index,
+            versions,
+            analyzer,
+        }
     }
 }
 
@@ -135,6 +148,7 @@ impl pb::index_service_server::IndexService for IndexGrpc {
                 Ok(IndexPoint {
                     id: parse_uuid("points.id", &p.id)?,
                     vector: p.vector,
+                    sparse: self.analyzer.document(&p.title, &p.text),
                     payload: ChunkPayload {
                         document_id: p.document_id,
                         chunk_index: p.chunk_index,

@@ -1,11 +1,12 @@
 //! search-svc: owns the vector index (the only writer, through the internal `IndexService`) and
-//! answers `SearchService` queries: embed the query through embed-svc, search the knowledge
-//! base's collection, return the best chunks.
+//! answers `SearchService` queries: embed the query through embed-svc, rank the knowledge base's
+//! chunks by meaning (dense) and by keywords (BM25), fuse, return the best.
 
 pub mod cache;
 pub mod error;
 pub mod grpc;
 pub mod index;
+pub mod lexical;
 pub mod search;
 
 use std::path::PathBuf;
@@ -37,8 +38,29 @@ pub struct Config {
     #[arg(long, env = "SMARTDB_SEARCH_CACHE_MB", default_value_t = 64)]
     pub cache_mb: u64,
     /// How long a cached answer may be served.
-    #[arg(long, env = "SMARTDB_SEARCH_CACHE_TTL", default_value = "10m", value_parser = smartdb_kit::config::parse_duration)]
+    #[arg(long, env = "SMARTDB_SEARCH_CACHE_TTL", default_value = "30m", value_parser = smartdb_kit::config::parse_duration)]
     pub cache_ttl: Duration,
+    /// Reciprocal-rank fusion's k in hybrid search (larger flattens rank differences).
+    #[arg(long, env = "SMARTDB_FUSION_K", default_value_t = search::Fusion::default().k)]
+    pub fusion_k: f32,
+    /// Weight of the dense (meaning) ranking in hybrid search.
+    #[arg(long, env = "SMARTDB_FUSION_DENSE_WEIGHT", default_value_t = search::Fusion::default().dense_weight)]
+    pub dense_weight: f32,
+    /// Weight of the keyword (BM25) ranking in hybrid search.
+    #[arg(long, env = "SMARTDB_FUSION_LEXICAL_WEIGHT", default_value_t = search::Fusion::default().lexical_weight)]
+    pub lexical_weight: f32,
+    /// Hits each ranking contributes to the fusion, at least.
+    #[arg(long, env = "SMARTDB_FUSION_CANDIDATES", default_value_t = search::Fusion::default().candidates)]
+    pub fusion_candidates: usize,
+    /// BM25 k1 (term-frequency saturation).
+    #[arg(long, env = "SMARTDB_BM25_K1", default_value_t = lexical::Bm25Settings::default().k1)]
+    pub bm25_k1: f64,
+    /// BM25 b (length normalization, 0 to 1).
+    #[arg(long, env = "SMARTDB_BM25_B", default_value_t = lexical::Bm25Settings::default().b)]
+    pub bm25_b: f64,
+    /// BM25 average chunk length in terms.
+    #[arg(long, env = "SMARTDB_BM25_AVG_LEN", default_value_t = lexical::Bm25Settings::default().avg_len)]
+    pub bm25_avg_len: f64,
 }
 
 /// Runs search-svc until `shutdown` resolves.
@@ -47,9 +69,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let data_dir = smartdb_kit::config::service_data_dir(config.data_dir.as_ref(), "search")?;
+    let analyzer = Arc::new(lexical::Analyzer::new(lexical::Bm25Settings {
+        k1: config.bm25_k1,
+        b: config.bm25_b,
+        avg_len: config.bm25_avg_len,
+    })?);
     let index: Arc<dyn index::VectorIndex> = {
         let dir = data_dir.clone();
-        Arc::new(tokio::task::spawn_blocking(move || index::edge::EdgeIndex::open(&dir)).await??)
+        let analyzer = analyzer.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || index::edge::EdgeIndex::open(&dir, analyzer))
+                .await??,
+        )
     };
     let versions = Arc::new(cache::Versions::default());
     let embed = Downstream::connect(
@@ -63,9 +94,16 @@ pub async fn serve(
     let searcher = Arc::new(search::Searcher::new(
         index.clone(),
         embed,
+        analyzer.clone(),
         cache::ResultCache::new(config.cache_mb << 20, config.cache_ttl),
         versions.clone(),
         limits,
+        search::Fusion {
+            k: config.fusion_k.max(0.0),
+            dense_weight: config.dense_weight.max(0.0),
+            lexical_weight: config.lexical_weight.max(0.0),
+            candidates: config.fusion_candidates.clamp(1, search::MAX_DEPTH),
+        },
     ));
 
     let mut server = ServiceServer::new("search-svc").await;
@@ -75,7 +113,7 @@ pub async fn serve(
             .max_encoding_message_size(max),
     );
     server.add_service(
-        IndexServiceServer::new(grpc::IndexGrpc::new(index, versions))
+        IndexServiceServer::new(grpc::IndexGrpc::new(index, versions, analyzer))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
     );

@@ -617,9 +617,10 @@ async fn servers_bound_deadlines_and_shed_load() {
     ingest_text(&cluster, "kb", "Owls hunt at night.", true)
         .await
         .unwrap();
-    signal(cluster.service("embed-svc").pid.unwrap(), libc::SIGSTOP);
+    // A frozen search-svc (a frozen embed-svc would only degrade searches to keywords).
+    signal(cluster.service("search-svc").pid.unwrap(), libc::SIGSTOP);
 
-    // No deadline: the default (2 s) applies; the innermost hop gives up first and says so.
+    // No deadline: the default (2 s) applies, and the gateway gives up and says so.
     let started = Instant::now();
     let err = common::search(&cluster, "kb", "what do owls do")
         .await
@@ -686,7 +687,7 @@ async fn servers_bound_deadlines_and_shed_load() {
     assert!(started.elapsed() < Duration::from_secs(5));
     // Probes are never shed.
     assert!(common::health(&cluster.gateway, "").await.is_some());
-    signal(cluster.service("embed-svc").pid.unwrap(), libc::SIGCONT);
+    signal(cluster.service("search-svc").pid.unwrap(), libc::SIGCONT);
 }
 
 /// Defect 11: calls to made-up paths are counted under one `unknown` series instead of growing

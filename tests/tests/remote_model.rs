@@ -249,17 +249,27 @@ async fn knowledge_base_on_a_third_party_openai_compatible_server() {
             .is_ok()
     );
     // That failure opened the breaker: calls now fail at once instead of waiting on retries,
-    // and so does a search of the knowledge base that uses the model.
+    // and a search of the knowledge base that uses the model degrades to keywords at once.
     let started = Instant::now();
     let err = embed(&mut embedder, REMOTE, &["another new text"])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("circuit breaker"), "{err:?}");
-    let err = search(&cluster, "remote", "a query the cache has never seen")
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let degraded = search(
+        &cluster,
+        "remote",
+        "what does photosynthesis do in chloroplasts",
+    )
+    .await
+    .expect("a degraded answer, not an error");
+    assert!(degraded.degraded, "{degraded:?}");
+    assert!(
+        degraded.degraded_reason.contains("keywords"),
+        "{degraded:?}"
+    );
+    assert_eq!(degraded.mode, pb::SearchMode::Lexical as i32);
+    assert_eq!(degraded.hits[0].document_id, ids[0], "{degraded:?}");
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",
@@ -295,4 +305,9 @@ async fn knowledge_base_on_a_third_party_openai_compatible_server() {
         .await
         .expect("search with the model back");
     assert_eq!(found.hits[0].document_id, ids[0]);
+    assert!(
+        !found.degraded,
+        "hybrid again with the model back: {found:?}"
+    );
+    assert_eq!(found.mode, pb::SearchMode::Hybrid as i32);
 }

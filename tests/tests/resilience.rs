@@ -20,7 +20,16 @@ struct Sample {
     code: Code,
     /// The query was new (needs embed-svc) rather than a repeat (served from the result cache).
     fresh: bool,
+    /// Answered, but ranked by keywords only (the query could not be embedded).
+    degraded: bool,
     message: String,
+}
+
+impl Sample {
+    /// A full answer: no error, not degraded.
+    fn full(&self) -> bool {
+        self.code == Code::Ok && !self.degraded
+    }
 }
 
 /// Searches `kb` through the gateway one call after another until `stop` is set. With
@@ -41,6 +50,7 @@ async fn search_load(
     while !stop.load(Ordering::Relaxed) {
         i += 1;
         let fresh = !cached || i % 2 == 1;
+        // Every query shares keywords with the seeded texts, so a keyword-only answer has hits.
         let query = if fresh {
             format!("which animals hunt at night, question {i}")
         } else {
@@ -56,18 +66,20 @@ async fn search_load(
         let at = Instant::now();
         let result = client.search(request).await;
         let took = at.elapsed();
-        let (code, message) = match &result {
+        let (code, degraded, message) = match &result {
             Ok(r) => {
-                assert!(!r.get_ref().hits.is_empty(), "an answer without hits");
-                (Code::Ok, String::new())
+                let r = r.get_ref();
+                assert!(!r.hits.is_empty(), "an answer without hits: {r:?}");
+                (Code::Ok, r.degraded, r.degraded_reason.clone())
             }
-            Err(s) => (s.code(), s.message().to_owned()),
+            Err(s) => (s.code(), false, s.message().to_owned()),
         };
         samples.push(Sample {
             at,
             took,
             code,
             fresh,
+            degraded,
             message,
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -120,11 +132,12 @@ async fn seed(cluster: &Cluster, kb: &str) {
     }
 }
 
-/// kill -9 embed-svc under a steady search load: repeated queries are still answered (from the
-/// result cache), new ones fail fast with UNAVAILABLE (never a multi-second wait), and once
-/// embed-svc is back (restarted by `smartdb up`) full answers return within 10 s.
+/// kill -9 embed-svc under a steady search load: every search is still answered, repeated
+/// queries from the result cache and new ones from the keyword ranking (flagged degraded), each
+/// at once (never a multi-second wait); once embed-svc is back (restarted by `smartdb up`) full
+/// hybrid answers return within 10 s.
 #[tokio::test(flavor = "multi_thread")]
-async fn killed_embed_svc_fails_fast_and_recovers() {
+async fn killed_embed_svc_degrades_fast_and_recovers() {
     let cluster = Cluster::start().await;
     seed(&cluster, "kb").await;
     let embed = cluster.service("embed-svc");
@@ -150,42 +163,47 @@ async fn killed_embed_svc_fails_fast_and_recovers() {
         .iter()
         .filter(|s| s.at >= killed && s.at < back)
         .collect();
-    let failed: Vec<&&Sample> = down.iter().filter(|s| s.code != Code::Ok).collect();
-    assert!(
-        !failed.is_empty(),
-        "nothing failed while embed-svc was down?"
-    );
-    for s in &failed {
-        assert_eq!(s.code, Code::Unavailable, "{s:?}");
-        assert!(s.fresh, "a cached answer failed: {s:?}");
+    for s in &down {
+        assert_eq!(s.code, Code::Ok, "every search is answered: {s:?}");
+        assert!(
+            !s.degraded || s.fresh,
+            "a cached answer stays a full answer: {s:?}"
+        );
         // Never a multi-second wait (the bound allows for this 2-core machine being busy
         // restarting embed-svc; the percentile below is the figure).
         assert!(s.took < Duration::from_millis(500), "{s:?}");
     }
-    let failed_took: Vec<Duration> = failed.iter().map(|s| s.took).collect();
-    let p50 = percentile(failed_took.clone(), 0.5);
-    let p95 = percentile(failed_took.clone(), 0.95);
-    assert!(p95 < Duration::from_millis(50), "failures took p95 {p95:?}");
-    let answered = down.len() - failed.len();
+    let degraded: Vec<&&Sample> = down.iter().filter(|s| s.degraded).collect();
+    assert!(
+        !degraded.is_empty(),
+        "nothing degraded while embed-svc was down?"
+    );
+    assert!(
+        degraded.iter().all(|s| s.message.contains("keywords")),
+        "{degraded:?}"
+    );
+    let took: Vec<Duration> = degraded.iter().map(|s| s.took).collect();
+    let p50 = percentile(took.clone(), 0.5);
+    let p95 = percentile(took.clone(), 0.95);
+    assert!(
+        p95 < Duration::from_millis(50),
+        "degraded answers took p95 {p95:?}"
+    );
     println!(
-        "embed-svc down {:.1} s: {} searches, {answered} answered ({:.0} %, all cached repeats), {} UNAVAILABLE in p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms",
+        "embed-svc down {:.1} s: {} searches, all answered: {} full (cached), {} degraded to keywords in p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms",
         (back - killed).as_secs_f64(),
         down.len(),
-        100.0 * answered as f64 / down.len() as f64,
-        failed.len(),
+        down.len() - degraded.len(),
+        degraded.len(),
         ms(p50),
         ms(p95),
-        ms(failed_took.iter().copied().max().unwrap_or_default()),
+        ms(took.iter().copied().max().unwrap_or_default()),
     );
 
-    // Back: from some point within 10 s, every search is answered in full.
+    // Back: from some point within 10 s, every search is a full (hybrid) answer.
     let after: Vec<&Sample> = samples.iter().filter(|s| s.at >= back).collect();
-    let last_failure = after
-        .iter()
-        .rev()
-        .find(|s| s.code != Code::Ok)
-        .map(|s| s.at);
-    let recovered = last_failure.map_or(Duration::ZERO, |at| at - back);
+    let last_partial = after.iter().rev().find(|s| !s.full()).map(|s| s.at);
+    let recovered = last_partial.map_or(Duration::ZERO, |at| at - back);
     println!(
         "full answers again {:.1} s after embed-svc was back ({} searches after)",
         recovered.as_secs_f64(),
@@ -196,7 +214,7 @@ async fn killed_embed_svc_fails_fast_and_recovers() {
         after
             .iter()
             .filter(|s| s.at > back + Duration::from_secs(10))
-            .all(|s| s.code == Code::Ok)
+            .all(|s| s.full())
     );
 }
 
@@ -302,30 +320,96 @@ async fn killed_search_svc_loses_no_chunk_of_500_documents() {
     let _ = &mut docs;
 }
 
-/// A downstream frozen with SIGSTOP: callers get DEADLINE_EXCEEDED within their deadline, the
-/// breaker opens (later calls fail at once, naming the open circuit), and SIGCONT brings it back.
+/// Frozen downstreams (SIGSTOP). embed-svc frozen: searches still answer within their deadline,
+/// degraded to keywords, then at once once the breaker is open; SIGCONT brings hybrid answers
+/// back. search-svc frozen: callers get DEADLINE_EXCEEDED within their deadline, the gateway's
+/// breaker opens (calls then fail at once, naming the open circuit), SIGCONT brings it back.
 #[tokio::test(flavor = "multi_thread")]
-async fn frozen_embed_svc_gives_deadlines_then_an_open_circuit_and_recovers() {
+async fn frozen_downstreams_answer_within_deadlines_and_open_breakers() {
     let cluster = Cluster::start().await;
     seed(&cluster, "kb").await;
     let embed = cluster.service("embed-svc");
     let search = cluster.service("search-svc");
-    let mut client = cluster.search().await;
-    signal(embed.pid.unwrap(), libc::SIGSTOP);
-
+    let gateway = cluster.service("gateway");
+    let client = cluster.search().await;
     let deadline = Duration::from_secs(1);
-    let mut outcomes = Vec::new();
-    for i in 0..10 {
+    let ask = |i: usize| {
         let mut request = tonic::Request::new(pb::SearchRequest {
             knowledge_base: "kb".into(),
-            query: format!("nocturnal hunters {i}"),
+            query: format!("owls hunting at night {i}"),
             ..Default::default()
         });
         request.set_timeout(deadline);
-        let started = Instant::now();
-        let err = client.search(request).await.unwrap_err();
-        let took = started.elapsed();
+        let mut client = client.clone();
+        async move {
+            let started = Instant::now();
+            let result = client.search(request).await.map(|r| r.into_inner());
+            (result, started.elapsed())
+        }
+    };
+
+    signal(embed.pid.unwrap(), libc::SIGSTOP);
+    let mut answers = Vec::new();
+    for i in 0..10 {
+        let (result, took) = ask(i).await;
+        let answer = result.unwrap_or_else(|s| panic!("search {i} failed: {s:?}"));
         // No call hangs past its deadline (plus scheduling slack).
+        assert!(took < deadline + Duration::from_millis(300), "{took:?}");
+        assert!(answer.degraded, "{answer:?}");
+        assert!(!answer.hits.is_empty());
+        answers.push((took, answer.degraded_reason));
+    }
+    let fast: Vec<_> = answers
+        .iter()
+        .filter(|(took, reason)| {
+            *took < Duration::from_millis(100) && reason.contains("circuit open")
+        })
+        .collect();
+    println!(
+        "frozen embed-svc: {:?}",
+        answers
+            .iter()
+            .map(|(t, r)| format!("{:.0} ms: {r}", ms(*t)))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        answers[0].1.contains("deadline"),
+        "the first waits for the embedding until its share of the deadline: {answers:?}"
+    );
+    assert!(!fast.is_empty(), "the breaker never opened: {answers:?}");
+    let metrics = common::http_get(&search.http, "/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "client_breaker_open",
+            &["downstream=\"embed-svc\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    signal(embed.pid.unwrap(), libc::SIGCONT);
+    let thawed = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "hybrid answers after SIGCONT",
+        || async {
+            common::search(&cluster, "kb", &format!("owls {:?}", Instant::now()))
+                .await
+                .ok()
+                .filter(|r| !r.degraded && r.mode == pb::SearchMode::Hybrid as i32)
+        },
+    )
+    .await;
+    println!(
+        "hybrid answers again {:.1} s after SIGCONT of embed-svc",
+        thawed.elapsed().as_secs_f64()
+    );
+
+    signal(search.pid.unwrap(), libc::SIGSTOP);
+    let mut outcomes = Vec::new();
+    for i in 100..110 {
+        let (result, took) = ask(i).await;
+        let err = result.expect_err("search-svc is frozen");
         assert!(
             took < deadline + Duration::from_millis(300),
             "{took:?} {err:?}"
@@ -341,7 +425,7 @@ async fn frozen_embed_svc_gives_deadlines_then_an_open_circuit_and_recovers() {
         .filter(|(c, _, m)| *c == Code::Unavailable && m.contains("circuit open"))
         .collect();
     println!(
-        "frozen embed-svc: {outcomes:#?}\n{timed_out} DEADLINE_EXCEEDED, then {} failed fast with an open circuit",
+        "frozen search-svc: {timed_out} DEADLINE_EXCEEDED, then {} failed fast with an open circuit: {outcomes:?}",
         open.len()
     );
     assert_eq!(outcomes[0].0, Code::DeadlineExceeded, "{outcomes:?}");
@@ -351,28 +435,27 @@ async fn frozen_embed_svc_gives_deadlines_then_an_open_circuit_and_recovers() {
         open.iter()
             .all(|(_, took, _)| *took < Duration::from_millis(100))
     );
-    assert!(open[0].2.contains("embed-svc"), "{:?}", open[0]);
-    let metrics = common::http_get(&search.http, "/metrics").await;
+    assert!(open[0].2.contains("search-svc"), "{:?}", open[0]);
+    let metrics = common::http_get(&gateway.http, "/metrics").await;
     assert_eq!(
         metric(
             &metrics,
             "client_breaker_open",
-            &["downstream=\"embed-svc\""]
+            &["downstream=\"search-svc\""]
         ),
         Some(1.0),
         "{metrics}"
     );
-
-    signal(embed.pid.unwrap(), libc::SIGCONT);
+    signal(search.pid.unwrap(), libc::SIGCONT);
     let thawed = Instant::now();
     eventually(
         Duration::from_secs(10),
-        "searches to work after SIGCONT",
+        "searches after SIGCONT of search-svc",
         || async { common::search(&cluster, "kb", "owls").await.ok() },
     )
     .await;
     println!(
-        "answers again {:.1} s after SIGCONT",
+        "answers again {:.1} s after SIGCONT of search-svc",
         thawed.elapsed().as_secs_f64()
     );
 }
@@ -445,7 +528,7 @@ async fn a_killed_embed_replica_leaves_the_set_and_rejoins() {
         .iter()
         .filter(|s| s.at >= killed && s.at < back)
         .collect();
-    let failed: Vec<&&Sample> = down.iter().filter(|s| s.code != Code::Ok).collect();
+    let failed: Vec<&&Sample> = down.iter().filter(|s| !s.full()).collect();
     println!(
         "embed-svc-2 down {:.1} s: {} searches, {} failed ({:.1} %): {:?}; attempts on the restarted replica {} → {}",
         (back - killed).as_secs_f64(),
@@ -566,7 +649,7 @@ async fn redis_dying_during_load_costs_no_request() {
         &["level=\"redis\""],
     )
     .unwrap_or(0.0);
-    let errors: Vec<&Sample> = samples.iter().filter(|s| s.code != Code::Ok).collect();
+    let errors: Vec<&Sample> = samples.iter().filter(|s| !s.full()).collect();
     let took = |up: bool| {
         percentile(
             samples

@@ -21,9 +21,10 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use super::{
-    ChunkPayload, CollectionInfo, DenseQuery, IndexPoint, ScoredChunk, SearchFilter, VectorIndex,
-    point_id,
+    ChunkPayload, CollectionInfo, IndexPoint, LegQuery, MetadataRange, QueryVector, RangeKind,
+    ScoredChunk, SearchFilter, VectorIndex, parse_typed, point_id,
 };
+use crate::lexical::{Analyzer, Bm25Settings};
 use crate::{Error, Result};
 
 /// Instantiates every conformance case as a `#[tokio::test]`.
@@ -47,6 +48,10 @@ macro_rules! vector_index_conformance {
             delete_collection_removes_everything,
             tenants_are_isolated,
             empty_inputs,
+            lexical_ranks_by_bm25_with_collection_idf,
+            lexical_follows_deletes,
+            any_of_and_range_filters,
+            min_score_threshold,
         );
     };
     (@cases $factory:path; $($case:ident),+ $(,)?) => {
@@ -61,6 +66,48 @@ macro_rules! vector_index_conformance {
 }
 
 const DIM: u32 = 4;
+
+/// The analyzer search-svc uses (the suite checks the engine's side of BM25: IDF, filters).
+fn analyzer() -> &'static Analyzer {
+    static ANALYZER: std::sync::OnceLock<Analyzer> = std::sync::OnceLock::new();
+    ANALYZER.get_or_init(|| Analyzer::new(Bm25Settings::default()).expect("analyzer"))
+}
+
+/// A chunk with real text (for the lexical leg) and an arbitrary vector.
+fn text_chunk(document_id: &str, text: &str, metadata: &[(&str, &str)]) -> IndexPoint {
+    let mut point = chunk(document_id, 0, [0.5, 0.5, 0.5, 0.5], metadata);
+    point.payload.text = text.into();
+    point.payload.title = String::new();
+    point.sparse = analyzer().document("", text);
+    point
+}
+
+async fn lexical(
+    index: &dyn VectorIndex,
+    collection_id: &str,
+    query: &str,
+    filter: SearchFilter,
+    min_score: Option<f32>,
+) -> Vec<ScoredChunk> {
+    index
+        .search(
+            collection_id,
+            LegQuery {
+                vector: QueryVector::Sparse(analyzer().query(query)),
+                limit: 10,
+                filter,
+                min_score,
+            },
+        )
+        .await
+        .expect("lexical search")
+}
+
+fn docs_of(hits: &[ScoredChunk]) -> Vec<&str> {
+    hits.iter()
+        .map(|h| h.payload.document_id.as_str())
+        .collect()
+}
 
 /// A collection description with a fresh id and a fresh tenant.
 fn fresh_info() -> CollectionInfo {
@@ -90,14 +137,17 @@ fn chunk(
     vector: [f32; 4],
     metadata: &[(&str, &str)],
 ) -> IndexPoint {
+    let text = format!("text of {document_id}/{chunk_index}");
+    let title = format!("title of {document_id}");
     IndexPoint {
         id: point_id(document_id, chunk_index),
         vector: vector.to_vec(),
+        sparse: analyzer().document(&title, &text),
         payload: ChunkPayload {
             document_id: document_id.into(),
             chunk_index,
-            text: format!("text of {document_id}/{chunk_index}"),
-            title: format!("title of {document_id}"),
+            text,
+            title,
             source_name: format!("{document_id}.md"),
             metadata: metadata
                 .iter()
@@ -145,10 +195,11 @@ async fn search(
     index
         .search(
             collection_id,
-            DenseQuery {
-                vector: vector.to_vec(),
-                top_k,
+            LegQuery {
+                vector: QueryVector::Dense(vector.to_vec()),
+                limit: top_k,
                 filter,
+                min_score: None,
             },
         )
         .await
@@ -165,7 +216,7 @@ fn metadata_filter_of(pairs: &[(&str, &str)]) -> SearchFilter {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        document_ids: vec![],
+        ..SearchFilter::default()
     }
 }
 
@@ -423,10 +474,11 @@ pub(crate) async fn wrong_dimension_is_rejected(index: &dyn VectorIndex) {
     assert_invalid(index.upsert(&info.id, vec![too_long]).await, "points");
     assert_eq!(index.count(&info.id).await.unwrap(), 0);
 
-    let query = DenseQuery {
-        vector: vec![1.0, 0.0],
-        top_k: 3,
+    let query = LegQuery {
+        vector: QueryVector::Dense(vec![1.0, 0.0]),
+        limit: 3,
         filter: SearchFilter::default(),
+        min_score: None,
     };
     assert!(
         matches!(
@@ -538,8 +590,8 @@ pub(crate) async fn document_ids_filter(index: &dyn VectorIndex) {
     index.upsert(&info.id, sample_points()).await.unwrap();
 
     let docs = |ids: &[&str]| SearchFilter {
-        metadata: BTreeMap::new(),
         document_ids: ids.iter().map(|s| s.to_string()).collect(),
+        ..SearchFilter::default()
     };
     let hits = search(index, &info.id, SAMPLE_QUERY, 10, docs(&["doc-a", "doc-b"])).await;
     assert_eq!(
@@ -571,10 +623,11 @@ pub(crate) async fn unknown_collection_is_not_found(index: &dyn VectorIndex) {
     let unknown = Uuid::new_v4().to_string();
     assert_not_found(index.upsert(&unknown, sample_points()).await);
     assert_not_found(index.upsert(&unknown, vec![]).await);
-    let query = DenseQuery {
-        vector: SAMPLE_QUERY.to_vec(),
-        top_k: 3,
+    let query = LegQuery {
+        vector: QueryVector::Dense(SAMPLE_QUERY.to_vec()),
+        limit: 3,
         filter: SearchFilter::default(),
+        min_score: None,
     };
     assert_not_found(index.search(&unknown, query).await);
     assert_not_found(
@@ -597,10 +650,11 @@ pub(crate) async fn delete_collection_removes_everything(index: &dyn VectorIndex
 
     assert_eq!(index.resolve(&info.tenant, &info.name).await.unwrap(), None);
     assert_not_found(index.count(&info.id).await);
-    let query = DenseQuery {
-        vector: SAMPLE_QUERY.to_vec(),
-        top_k: 3,
+    let query = LegQuery {
+        vector: QueryVector::Dense(SAMPLE_QUERY.to_vec()),
+        limit: 3,
         filter: SearchFilter::default(),
+        min_score: None,
     };
     assert_not_found(index.search(&info.id, query).await);
     assert_not_found(index.upsert(&info.id, sample_points()).await);
@@ -674,5 +728,194 @@ pub(crate) async fn empty_inputs(index: &dyn VectorIndex) {
             .is_empty()
     );
     assert_eq!(index.count(&info.id).await.unwrap(), 4);
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// BM25 in the engine: only chunks with a query term match; a rare term outweighs a common one
+/// (IDF over the collection); more occurrences rank higher.
+pub async fn lexical_ranks_by_bm25_with_collection_idf(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    index
+        .upsert(
+            &info.id,
+            vec![
+                text_chunk("owl-1", "The owl hunts at night in the forest.", &[]),
+                text_chunk(
+                    "owl-2",
+                    "Owls and more owls: an owl colony hunts at night.",
+                    &[],
+                ),
+                text_chunk("bat", "The bat hunts insects at night.", &[]),
+                text_chunk("cow", "The cow grazes in the meadow at night.", &[]),
+                text_chunk("fish", "Fish swim in the river.", &[]),
+            ],
+        )
+        .await
+        .unwrap();
+    let hits = lexical(index, &info.id, "owls", SearchFilter::default(), None).await;
+    assert_eq!(docs_of(&hits), ["owl-2", "owl-1"], "{hits:?}");
+    // "night" is in four chunks, "bat" in one: the rare term decides.
+    let hits = lexical(
+        index,
+        &info.id,
+        "bat at night",
+        SearchFilter::default(),
+        None,
+    )
+    .await;
+    assert_eq!(hits[0].payload.document_id, "bat", "{hits:?}");
+    assert_eq!(
+        hits.len(),
+        4,
+        "chunks with only the common term still match: {hits:?}"
+    );
+    assert!(hits[0].score > 2.0 * hits[1].score, "{hits:?}");
+    // Stop words only: nothing to match.
+    assert!(
+        lexical(index, &info.id, "the and of", SearchFilter::default(), None)
+            .await
+            .is_empty()
+    );
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Deleted chunks leave the lexical leg too.
+pub async fn lexical_follows_deletes(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    let points = vec![
+        text_chunk("owl-1", "The owl hunts at night.", &[]),
+        text_chunk("owl-2", "An owl sleeps by day.", &[]),
+    ];
+    let gone = points[0].id;
+    index.upsert(&info.id, points).await.unwrap();
+    index.delete_points(&info.id, vec![gone]).await.unwrap();
+    let hits = lexical(index, &info.id, "owl", SearchFilter::default(), None).await;
+    assert_eq!(docs_of(&hits), ["owl-2"]);
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Any-of on metadata values, and ranges over values that parse as numbers or timestamps,
+/// inside the engine (on both legs).
+pub async fn any_of_and_range_filters(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    index
+        .upsert(
+            &info.id,
+            vec![
+                text_chunk(
+                    "a",
+                    "owl report",
+                    &[
+                        ("lang", "en"),
+                        ("year", "2019"),
+                        ("published", "2019-03-01T00:00:00Z"),
+                    ],
+                ),
+                text_chunk(
+                    "b",
+                    "owl report",
+                    &[
+                        ("lang", "fr"),
+                        ("year", "2021"),
+                        ("published", "2021-06-15T12:00:00Z"),
+                    ],
+                ),
+                text_chunk(
+                    "c",
+                    "owl report",
+                    &[
+                        ("lang", "de"),
+                        ("year", "2023"),
+                        ("published", "2023-12-31T23:00:00+01:00"),
+                    ],
+                ),
+                text_chunk("d", "owl report", &[("lang", "en"), ("year", "unknown")]),
+            ],
+        )
+        .await
+        .unwrap();
+    let sorted = |mut v: Vec<&str>| {
+        v.sort();
+        v.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let any_of = SearchFilter {
+        any_of: [("lang".to_owned(), vec!["en".to_owned(), "fr".to_owned()])].into(),
+        ..SearchFilter::default()
+    };
+    let hits = lexical(index, &info.id, "owl", any_of.clone(), None).await;
+    assert_eq!(sorted(docs_of(&hits)), ["a", "b", "d"]);
+    let range = |key: &str, kind, gte: Option<f64>, lt: Option<f64>| MetadataRange {
+        key: key.into(),
+        kind,
+        gte,
+        gt: None,
+        lte: None,
+        lt,
+    };
+    let years = SearchFilter {
+        ranges: vec![range("year", RangeKind::Number, Some(2020.0), None)],
+        ..SearchFilter::default()
+    };
+    let hits = lexical(index, &info.id, "owl", years.clone(), None).await;
+    assert_eq!(
+        sorted(docs_of(&hits)),
+        ["b", "c"],
+        "'unknown' is not a number"
+    );
+    let dense = search(index, &info.id, [0.5, 0.5, 0.5, 0.5], 10, years).await;
+    assert_eq!(
+        sorted(docs_of(&dense)),
+        ["b", "c"],
+        "the dense leg filters the same"
+    );
+    let t = |s: &str| parse_typed(s).unwrap().1;
+    let times = SearchFilter {
+        ranges: vec![range(
+            "published",
+            RangeKind::Time,
+            Some(t("2021-01-01")),
+            Some(t("2023-12-31T22:30:00Z")),
+        )],
+        ..any_of
+    };
+    let hits = lexical(index, &info.id, "owl", times, None).await;
+    assert_eq!(
+        sorted(docs_of(&hits)),
+        ["b"],
+        "c is 22:00Z, inside; but lang de is not any-of"
+    );
+    let times = SearchFilter {
+        ranges: vec![range(
+            "published",
+            RangeKind::Time,
+            Some(t("2021-01-01")),
+            Some(t("2023-12-31T22:30:00Z")),
+        )],
+        ..SearchFilter::default()
+    };
+    let hits = lexical(index, &info.id, "owl", times, None).await;
+    assert_eq!(sorted(docs_of(&hits)), ["b", "c"]);
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// A score threshold drops hits below it, in the engine.
+pub async fn min_score_threshold(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    index.upsert(&info.id, sample_points()).await.unwrap();
+    let all = search(index, &info.id, SAMPLE_QUERY, 10, SearchFilter::default()).await;
+    let cut = (all[1].score + all[2].score) / 2.0;
+    let hits = index
+        .search(
+            &info.id,
+            LegQuery {
+                vector: QueryVector::Dense(SAMPLE_QUERY.to_vec()),
+                limit: 10,
+                filter: SearchFilter::default(),
+                min_score: Some(cut),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&hits), ids(&all[..2]));
     index.delete_collection(&info.id).await.unwrap();
 }

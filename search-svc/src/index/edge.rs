@@ -31,21 +31,33 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use qdrant_edge::external::ordered_float;
 use qdrant_edge::{
     Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeConfigBuilder,
-    EdgeOptimizersConfig, EdgeShard, EdgeVectorParamsBuilder, FieldCondition, FieldIndexOperations,
-    Filter, JsonPath, Match, NamedQuery, OperationError, PayloadFieldSchema, PayloadSchemaType,
-    PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum, QueryRequest,
-    ScoredPoint, ScoringQuery, UpdateOperation, Vectors, WalOptions, WithPayloadInterface,
-    WithVector,
+    EdgeOptimizersConfig, EdgeShard, EdgeSparseVectorParamsBuilder, EdgeVectorParamsBuilder,
+    FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, Modifier, NamedQuery, Nested,
+    NestedCondition, OperationError, PayloadFieldSchema, PayloadSchemaType, PointId,
+    PointInsertOperations, PointOperations, PointStruct, QueryEnum, QueryRequest, Range,
+    ScoredPoint, ScoringQuery, ScrollRequest, UpdateOperation, Vector, VectorInternal,
+    VectorStructInternal, Vectors, WalOptions, WithPayloadInterface, WithVector,
 };
 use uuid::Uuid;
 
-use super::{CollectionInfo, DenseQuery, IndexPoint, ScoredChunk, SearchFilter, VectorIndex};
+use super::{
+    ChunkPayload, CollectionInfo, IndexPoint, LegQuery, QueryVector, RangeKind, ScoredChunk,
+    SearchFilter, SparseVector, VectorIndex, typed_metadata,
+};
+use crate::lexical::Analyzer;
 use crate::{Error, Result};
 
 /// Name of the dense vector in every shard.
 const DENSE: &str = "dense";
+/// Name of the BM25 sparse vector (registry version 2 on); the engine applies IDF to it.
+const SPARSE: &str = "bm25";
+/// Payload field listing metadata values that parse as numbers: `[{"key": k, "value": x}]`.
+const METADATA_NUMBERS_FIELD: &str = "metadata_numbers";
+/// Payload field listing metadata values that parse as timestamps, as seconds since the epoch.
+const METADATA_TIMES_FIELD: &str = "metadata_times";
 /// Payload field of [`super::ChunkPayload::document_id`], keyword-indexed.
 const DOCUMENT_ID_FIELD: &str = "document_id";
 /// Extra payload field listing the metadata entries as `["key","value"]` strings, keyword-indexed.
@@ -55,7 +67,9 @@ const DOCUMENT_ID_FIELD: &str = "document_id";
 const METADATA_PAIRS_FIELD: &str = "metadata_pairs";
 const REGISTRY_FILE: &str = "collections.json";
 const REGISTRY_TMP_FILE: &str = "collections.json.tmp";
-const REGISTRY_VERSION: u32 = 1;
+/// Version 1: dense vectors only. Version 2: a BM25 sparse vector per point and typed metadata
+/// fields; version-1 collections are migrated when the index is opened.
+const REGISTRY_VERSION: u32 = 2;
 const COLLECTIONS_DIR: &str = "collections";
 const LOCK_FILE: &str = ".lock";
 const MAX_ID_LEN: usize = 128;
@@ -122,11 +136,12 @@ struct RegistryFile {
 
 impl EdgeIndex {
     /// Opens (creating if needed) the index stored in `dir`; shards are loaded on first use.
-    pub fn open(dir: &Path) -> Result<Self> {
-        Self::open_tuned(dir, Tuning::default())
+    /// An index of an earlier version is migrated first (`analyzer` builds what it lacks).
+    pub fn open(dir: &Path, analyzer: Arc<Analyzer>) -> Result<Self> {
+        Self::open_tuned(dir, Tuning::default(), analyzer)
     }
 
-    fn open_tuned(dir: &Path, tuning: Tuning) -> Result<Self> {
+    fn open_tuned(dir: &Path, tuning: Tuning, analyzer: Arc<Analyzer>) -> Result<Self> {
         let collections = dir.join(COLLECTIONS_DIR);
         fs::create_dir_all(&collections).map_err(io_error("create", &collections))?;
 
@@ -145,8 +160,15 @@ impl EdgeIndex {
             TryLockError::Error(err) => io_error("lock", &lock_path)(err),
         })?;
 
-        let registry = read_registry(dir)?;
+        let (registry, version) = read_registry(dir)?;
         remove_orphans(&collections, &registry)?;
+        if version < REGISTRY_VERSION {
+            migrate_v1(dir, &registry, &tuning, &analyzer)?;
+            write_registry(dir, &registry)?;
+            tracing::info!(
+                dir = %dir.display(), from = version, to = REGISTRY_VERSION, "migrated vector index"
+            );
+        }
         tracing::info!(dir = %dir.display(), collections = registry.len(), "opened vector index");
 
         Ok(Self {
@@ -242,7 +264,7 @@ impl VectorIndex for EdgeIndex {
         Ok(())
     }
 
-    async fn search(&self, collection_id: &str, query: DenseQuery) -> Result<Vec<ScoredChunk>> {
+    async fn search(&self, collection_id: &str, query: LegQuery) -> Result<Vec<ScoredChunk>> {
         let id = collection_id.to_owned();
         self.blocking(move |inner| inner.search(&id, query)).await
     }
@@ -259,21 +281,7 @@ impl Inner {
     }
 
     fn edge_config(&self, dimension: usize) -> EdgeConfig {
-        EdgeConfigBuilder::new()
-            .vector(
-                DENSE,
-                EdgeVectorParamsBuilder::new(dimension, Distance::Cosine).build(),
-            )
-            .wal_options(WalOptions {
-                segment_capacity: self.tuning.wal_segment_bytes,
-                segment_queue_len: 0,
-                retain_closed: NonZeroUsize::MIN,
-            })
-            .optimizers(EdgeOptimizersConfig {
-                indexing_threshold: self.tuning.indexing_threshold_kb,
-                ..EdgeOptimizersConfig::default()
-            })
-            .build()
+        edge_config(&self.tuning, dimension)
     }
 
     fn create_collection(&self, info: CollectionInfo) -> Result<String> {
@@ -433,10 +441,21 @@ impl Inner {
                     ),
                 ));
             }
-            if !point.vector.iter().all(|x| x.is_finite()) {
+            if !point.vector.iter().all(|x| x.is_finite())
+                || !point.sparse.values.iter().all(|x| x.is_finite())
+            {
                 return Err(Error::invalid(
                     "points",
                     format!("point {} has a non-finite vector component", point.id),
+                ));
+            }
+            if point.sparse.indices.len() != point.sparse.values.len() {
+                return Err(Error::invalid(
+                    "points",
+                    format!(
+                        "point {} has a sparse vector with unpaired entries",
+                        point.id
+                    ),
                 ));
             }
         }
@@ -465,33 +484,43 @@ impl Inner {
         Ok((deleted, shard))
     }
 
-    fn search(&self, id: &str, query: DenseQuery) -> Result<Vec<ScoredChunk>> {
+    fn search(&self, id: &str, query: LegQuery) -> Result<Vec<ScoredChunk>> {
         let shard = self.shard(id)?;
-        if query.vector.len() != shard.dimension {
-            return Err(Error::invalid(
-                "vector",
-                format!(
-                    "query has {} dimensions, collection {id} expects {}",
-                    query.vector.len(),
-                    shard.dimension
-                ),
-            ));
-        }
-        if !query.vector.iter().all(|x| x.is_finite()) {
-            return Err(Error::invalid("vector", "query has a non-finite component"));
-        }
-        if query.top_k == 0 {
+        let named = match query.vector {
+            QueryVector::Dense(vector) => {
+                if vector.len() != shard.dimension {
+                    return Err(Error::invalid(
+                        "vector",
+                        format!(
+                            "query has {} dimensions, collection {id} expects {}",
+                            vector.len(),
+                            shard.dimension
+                        ),
+                    ));
+                }
+                if !vector.iter().all(|x| x.is_finite()) {
+                    return Err(Error::invalid("vector", "query has a non-finite component"));
+                }
+                NamedQuery::new(vector.into(), DENSE)
+            }
+            QueryVector::Sparse(SparseVector { indices, values }) => {
+                if indices.is_empty() {
+                    // Only stop words, or nothing a term could be made of.
+                    return Ok(Vec::new());
+                }
+                let sparse = qdrant_edge::SparseVector { indices, values };
+                NamedQuery::new(VectorInternal::Sparse(sparse), SPARSE)
+            }
+        };
+        if query.limit == 0 {
             return Ok(Vec::new());
         }
         let request = QueryRequest {
             prefetches: Vec::new(),
-            query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery::new(
-                query.vector.into(),
-                DENSE,
-            )))),
+            query: Some(ScoringQuery::Vector(QueryEnum::Nearest(named))),
             filter: to_edge_filter(&query.filter)?,
-            score_threshold: None,
-            limit: query.top_k,
+            score_threshold: query.min_score.map(ordered_float::OrderedFloat),
+            limit: query.limit,
             offset: 0,
             params: None,
             with_vector: WithVector::Bool(false),
@@ -582,11 +611,28 @@ fn to_edge_point(point: IndexPoint) -> Result<qdrant_edge::PointStructPersisted>
         .iter()
         .map(|(k, v)| metadata_pair(k, v).into())
         .collect();
+    let (mut numbers, mut times) = (Vec::new(), Vec::new());
+    for (key, kind, value) in typed_metadata(&point.payload.metadata) {
+        let entry = serde_json::json!({"key": key, "value": value});
+        match kind {
+            RangeKind::Number => numbers.push(entry),
+            RangeKind::Time => times.push(entry),
+        }
+    }
     if let serde_json::Value::Object(map) = &mut payload {
         map.insert(METADATA_PAIRS_FIELD.into(), serde_json::Value::Array(pairs));
+        map.insert(METADATA_NUMBERS_FIELD.into(), numbers.into());
+        map.insert(METADATA_TIMES_FIELD.into(), times.into());
     }
     // `PointStruct::new` panics on a non-object payload; a struct always serializes to one.
-    let vectors = Vectors::new_named([(DENSE, point.vector)]);
+    let sparse = qdrant_edge::SparseVector {
+        indices: point.sparse.indices,
+        values: point.sparse.values,
+    };
+    let vectors = Vectors::new_named([
+        (DENSE, Vector::from(point.vector)),
+        (SPARSE, Vector::from(sparse)),
+    ]);
     Ok(PointStruct::new(PointId::Uuid(point.id), vectors, payload).into())
 }
 
@@ -630,6 +676,140 @@ fn to_scored_chunk(point: ScoredPoint) -> Result<ScoredChunk> {
     })
 }
 
+/// The shard configuration of a collection (version 2): a dense vector compared by cosine, and
+/// a BM25 sparse vector to which the engine applies the collection's IDF.
+fn edge_config(tuning: &Tuning, dimension: usize) -> EdgeConfig {
+    EdgeConfigBuilder::new()
+        .vector(
+            DENSE,
+            EdgeVectorParamsBuilder::new(dimension, Distance::Cosine).build(),
+        )
+        .sparse_vector(
+            SPARSE,
+            EdgeSparseVectorParamsBuilder::new()
+                .modifier(Modifier::Idf)
+                .build(),
+        )
+        .wal_options(WalOptions {
+            segment_capacity: tuning.wal_segment_bytes,
+            segment_queue_len: 0,
+            retain_closed: NonZeroUsize::MIN,
+        })
+        .optimizers(EdgeOptimizersConfig {
+            indexing_threshold: tuning.indexing_threshold_kb,
+            ..EdgeOptimizersConfig::default()
+        })
+        .build()
+}
+
+/// Migrates version-1 collections (dense only) to version 2: each is copied into a new shard
+/// with BM25 vectors built from the stored title and text and typed metadata, which then
+/// replaces it. Crash-safe: the registry still says version 1 until every collection is done,
+/// a half-built copy is discarded on the next try, and a collection already swapped is
+/// recognised by its sparse vector and skipped.
+fn migrate_v1(
+    root: &Path,
+    registry: &BTreeMap<String, CollectionInfo>,
+    tuning: &Tuning,
+    analyzer: &Analyzer,
+) -> Result<()> {
+    let collections = root.join(COLLECTIONS_DIR);
+    for info in registry.values() {
+        let path = collections.join(&info.id);
+        let retired = root.join(format!("retired-{}", info.id));
+        if !path.exists() && retired.exists() {
+            // A crash between the two renames below: the old shard is still complete.
+            fs::rename(&retired, &path).map_err(io_error("restore", &retired))?;
+        }
+        let old =
+            EdgeShard::load(&path, None).map_err(|err| engine_error("load", &info.id, err))?;
+        if old.config().sparse_vectors.contains_key(SPARSE) {
+            remove_dir_if_exists(&retired)?;
+            continue;
+        }
+        let staging = root.join(format!("migrating-{}", info.id));
+        remove_dir_if_exists(&staging)?;
+        fs::create_dir_all(&staging).map_err(io_error("create", &staging))?;
+        let new = EdgeShard::new(&staging, edge_config(tuning, info.dimension as usize))
+            .map_err(|err| engine_error("create", &info.id, err))?;
+        create_payload_indexes(&new, &info.id)?;
+        let mut offset = None;
+        let mut copied = 0usize;
+        loop {
+            let (records, next) = old
+                .scroll(ScrollRequest {
+                    offset,
+                    limit: Some(256),
+                    filter: None,
+                    with_payload: Some(WithPayloadInterface::Bool(true)),
+                    with_vector: WithVector::Bool(true),
+                    order_by: None,
+                })
+                .map_err(|err| engine_error("read", &info.id, err))?;
+            let mut points = Vec::with_capacity(records.len());
+            for record in records {
+                let PointId::Uuid(id) = record.id else {
+                    return Err(Error::Internal(format!(
+                        "collection {}: unexpected numeric point id {}",
+                        info.id, record.id
+                    )));
+                };
+                let vector = match record.vector {
+                    Some(VectorStructInternal::Named(mut named)) => match named.remove(DENSE) {
+                        Some(VectorInternal::Dense(v)) => v,
+                        _ => Vec::new(),
+                    },
+                    _ => Vec::new(),
+                };
+                if vector.len() != info.dimension as usize {
+                    return Err(Error::Internal(format!(
+                        "collection {}: point {id} has no dense vector of dimension {}",
+                        info.id, info.dimension
+                    )));
+                }
+                let payload: ChunkPayload = match record.payload {
+                    Some(p) => {
+                        serde_json::from_value(serde_json::Value::Object(p.0)).map_err(|err| {
+                            Error::Internal(format!("point {id} has a malformed payload: {err}"))
+                        })?
+                    }
+                    None => ChunkPayload::default(),
+                };
+                let sparse = analyzer.document(&payload.title, &payload.text);
+                points.push(to_edge_point(IndexPoint {
+                    id,
+                    vector,
+                    sparse,
+                    payload,
+                })?);
+            }
+            copied += points.len();
+            if !points.is_empty() {
+                let op = PointOperations::UpsertPoints(PointInsertOperations::PointsList(points));
+                new.update(UpdateOperation::PointOperation(op))
+                    .map_err(|err| engine_error("update", &info.id, err))?;
+            }
+            match next {
+                Some(next) => offset = Some(next),
+                None => break,
+            }
+        }
+        new.flush();
+        drop(new);
+        drop(old);
+        // Swap: old aside, new in place, old gone. A crash between the renames leaves the old
+        // shard at `retired` and nothing at `path`; the next open restores it and starts over.
+        remove_dir_if_exists(&retired)?;
+        fs::rename(&path, &retired).map_err(io_error("move", &path))?;
+        fs::rename(&staging, &path).map_err(io_error("move", &staging))?;
+        sync_dir(&collections)?;
+        sync_dir(root)?;
+        remove_dir_if_exists(&retired)?;
+        tracing::info!(collection = %info.id, points = copied, "migrated collection to version 2");
+    }
+    Ok(())
+}
+
 /// Translates a [`SearchFilter`] into a qdrant filter over the stored payload, `None` if empty.
 fn to_edge_filter(filter: &SearchFilter) -> Result<Option<Filter>> {
     let mut must = Vec::new();
@@ -639,6 +819,45 @@ fn to_edge_filter(filter: &SearchFilter) -> Result<Option<Filter>> {
             json_path(METADATA_PAIRS_FIELD)?,
             pair,
         )));
+    }
+    for (key, values) in &filter.any_of {
+        let pairs: Vec<String> = values.iter().map(|v| metadata_pair(key, v)).collect();
+        must.push(Condition::Field(FieldCondition::new_match(
+            json_path(METADATA_PAIRS_FIELD)?,
+            Match::from(pairs),
+        )));
+    }
+    for range in &filter.ranges {
+        let field = match range.kind {
+            RangeKind::Number => METADATA_NUMBERS_FIELD,
+            RangeKind::Time => METADATA_TIMES_FIELD,
+        };
+        let bound = |x: Option<f64>| x.map(ordered_float::OrderedFloat);
+        // One entry of the array must match both the key and the range.
+        let inner = Filter {
+            should: None,
+            min_should: None,
+            must: Some(vec![
+                Condition::Field(FieldCondition::new_match(
+                    json_path("key")?,
+                    Match::from(range.key.clone()),
+                )),
+                Condition::Field(FieldCondition::new_range(
+                    json_path("value")?,
+                    Range {
+                        lt: bound(range.lt),
+                        gt: bound(range.gt),
+                        gte: bound(range.gte),
+                        lte: bound(range.lte),
+                    },
+                )),
+            ]),
+            must_not: None,
+        };
+        must.push(Condition::Nested(NestedCondition::new(Nested {
+            key: json_path(field)?,
+            filter: inner,
+        })));
     }
     if !filter.document_ids.is_empty() {
         let any = Match::from(filter.document_ids.clone());
@@ -676,7 +895,8 @@ fn validate_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-fn read_registry(root: &Path) -> Result<BTreeMap<String, CollectionInfo>> {
+/// The registry and the version it was written in (older ones are migrated by the caller).
+fn read_registry(root: &Path) -> Result<(BTreeMap<String, CollectionInfo>, u32)> {
     let path = root.join(REGISTRY_FILE);
     let _ = fs::remove_file(root.join(REGISTRY_TMP_FILE));
     let bytes = match fs::read(&path) {
@@ -695,24 +915,25 @@ fn read_registry(root: &Path) -> Result<BTreeMap<String, CollectionInfo>> {
             // Written before any collection exists, so a missing file always means damage.
             let empty = BTreeMap::new();
             write_registry(root, &empty)?;
-            return Ok(empty);
+            return Ok((empty, REGISTRY_VERSION));
         }
         Err(err) => return Err(io_error("read", &path)(err)),
     };
     let file: RegistryFile = serde_json::from_slice(&bytes)
         .map_err(|err| Error::Internal(format!("{} is malformed: {err}", path.display())))?;
-    if file.version != REGISTRY_VERSION {
+    if file.version == 0 || file.version > REGISTRY_VERSION {
         return Err(Error::Internal(format!(
-            "{} has unsupported version {}",
+            "{} has version {}, this release reads 1 to {REGISTRY_VERSION}",
             path.display(),
             file.version
         )));
     }
-    Ok(file
+    let registry = file
         .collections
         .into_iter()
         .map(|c| (c.id.clone(), c))
-        .collect())
+        .collect();
+    Ok((registry, file.version))
 }
 
 /// Replaces the registry file atomically: temp file, fsync, rename, fsync of the directory.
@@ -804,9 +1025,13 @@ mod tests {
     use super::*;
     use crate::index::{ChunkPayload, point_id};
 
+    fn analyzer() -> Arc<Analyzer> {
+        Arc::new(Analyzer::new(crate::lexical::Bm25Settings::default()).unwrap())
+    }
+
     async fn fresh_index() -> (EdgeIndex, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        (EdgeIndex::open(dir.path()).unwrap(), dir)
+        (EdgeIndex::open(dir.path(), analyzer()).unwrap(), dir)
     }
 
     mod conformance {
@@ -847,6 +1072,7 @@ mod tests {
             .map(|i| IndexPoint {
                 id: point_id(document_id, i),
                 vector: vector(u64::from(i), dimension),
+                sparse: SparseVector::default(),
                 payload: ChunkPayload {
                     document_id: document_id.into(),
                     chunk_index: i,
@@ -868,11 +1094,12 @@ mod tests {
         }
     }
 
-    fn nearest(index_vector: &[f32]) -> DenseQuery {
-        DenseQuery {
-            vector: index_vector.to_vec(),
-            top_k: 3,
+    fn nearest(index_vector: &[f32]) -> LegQuery {
+        LegQuery {
+            vector: QueryVector::Dense(index_vector.to_vec()),
+            limit: 3,
             filter: SearchFilter::default(),
+            min_score: None,
         }
     }
 
@@ -894,7 +1121,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let info = sample_info(8);
         {
-            let index = EdgeIndex::open(dir.path()).unwrap();
+            let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
             index.create_collection(info.clone()).await.unwrap();
             index
                 .upsert(&info.id, points("doc", 0..20, 8))
@@ -905,7 +1132,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let index = EdgeIndex::open(dir.path()).unwrap();
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
         assert_eq!(
             index.resolve("acme", "handbook").await.unwrap(),
             Some(info.clone())
@@ -924,7 +1151,7 @@ mod tests {
     #[tokio::test]
     async fn acknowledged_writes_survive_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let index = EdgeIndex::open(dir.path()).unwrap();
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
         let info = sample_info(8);
         index.create_collection(info.clone()).await.unwrap();
         index
@@ -942,7 +1169,7 @@ mod tests {
 
         let crashed = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), crashed.path());
-        let restarted = EdgeIndex::open(crashed.path()).unwrap();
+        let restarted = EdgeIndex::open(crashed.path(), analyzer()).unwrap();
         assert_eq!(restarted.count(&info.id).await.unwrap(), 24);
         let hits = restarted
             .search(&info.id, nearest(&vector(3, 8)))
@@ -957,9 +1184,9 @@ mod tests {
     #[tokio::test]
     async fn a_directory_is_opened_once() {
         let dir = tempfile::tempdir().unwrap();
-        let _index = EdgeIndex::open(dir.path()).unwrap();
+        let _index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
         assert!(matches!(
-            EdgeIndex::open(dir.path()),
+            EdgeIndex::open(dir.path(), analyzer()),
             Err(Error::Unavailable(_))
         ));
     }
@@ -989,7 +1216,7 @@ mod tests {
                 .contains(&info.id)
         );
         drop(index);
-        let index = EdgeIndex::open(dir.path()).unwrap();
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
         assert_eq!(index.resolve(&info.tenant, &info.name).await.unwrap(), None);
     }
 
@@ -998,7 +1225,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kept = sample_info(4);
         {
-            let index = EdgeIndex::open(dir.path()).unwrap();
+            let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
             index.create_collection(kept.clone()).await.unwrap();
         }
         let orphan = dir
@@ -1006,7 +1233,7 @@ mod tests {
             .join(COLLECTIONS_DIR)
             .join(Uuid::new_v4().to_string());
         fs::create_dir_all(orphan.join("segments")).unwrap();
-        let index = EdgeIndex::open(dir.path()).unwrap();
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
         assert!(!orphan.exists());
         assert_eq!(index.count(&kept.id).await.unwrap(), 0);
     }
@@ -1015,12 +1242,12 @@ mod tests {
     async fn missing_registry_with_collections_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let index = EdgeIndex::open(dir.path()).unwrap();
+            let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
             index.create_collection(sample_info(4)).await.unwrap();
         }
         fs::remove_file(dir.path().join(REGISTRY_FILE)).unwrap();
         assert!(matches!(
-            EdgeIndex::open(dir.path()),
+            EdgeIndex::open(dir.path(), analyzer()),
             Err(Error::Internal(_))
         ));
     }
@@ -1053,7 +1280,7 @@ mod tests {
         };
         let info = sample_info(DIM as u32);
         {
-            let index = EdgeIndex::open_tuned(dir.path(), tuning.clone()).unwrap();
+            let index = EdgeIndex::open_tuned(dir.path(), tuning.clone(), analyzer()).unwrap();
             index.create_collection(info.clone()).await.unwrap();
             for start in (0..1000).step_by(250) {
                 index
@@ -1089,7 +1316,7 @@ mod tests {
             // A running optimization keeps the shard open, which would make the reopen fail.
             wait_for_optimization(&shard).await;
         }
-        let index = EdgeIndex::open_tuned(dir.path(), tuning).unwrap();
+        let index = EdgeIndex::open_tuned(dir.path(), tuning, analyzer()).unwrap();
         assert_eq!(index.count(&info.id).await.unwrap(), 999);
         for n in [0u32, 123, 777, 999] {
             let hits = index
@@ -1123,5 +1350,80 @@ mod tests {
             hits.iter()
                 .all(|h| h.payload.document_id == "late" && h.payload.chunk_index % 2 == 1)
         );
+    }
+
+    /// An index written by the previous release (registry version 1, dense vectors only; made by
+    /// `smartdb serve search` of that release through IndexService) opens: its collection is
+    /// migrated to version 2, keeps every point and payload, and gains the lexical leg.
+    #[tokio::test]
+    async fn a_version_1_index_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/index-v1.tar.gz");
+        let status = std::process::Command::new("tar")
+            .arg("xzf")
+            .arg(&fixture)
+            .arg("-C")
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let id = "6f1c1b3e-5d2a-4c47-9a51-0c2f4b7e8a10";
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
+        let registry: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(REGISTRY_FILE)).unwrap()).unwrap();
+        assert_eq!(registry["version"], 2);
+        let info = index.resolve("default", "animals").await.unwrap().unwrap();
+        assert_eq!((info.id.as_str(), info.dimension), (id, 4));
+        assert_eq!(index.count(id).await.unwrap(), 3);
+        // Dense as before.
+        let hits = index
+            .search(id, nearest(&[0.0, 1.0, 0.0, 0.0]))
+            .await
+            .unwrap();
+        assert_eq!(hits[0].payload.text, "Bats navigate by echolocation.");
+        assert_eq!(hits[0].payload.metadata["kind"], "mammal");
+        // Lexical, from the stored title and text (the title "Owls" counts too).
+        let lexical = |q: &str, filter: SearchFilter| LegQuery {
+            vector: QueryVector::Sparse(analyzer().query(q)),
+            limit: 10,
+            filter,
+            min_score: None,
+        };
+        let hits = index
+            .search(id, lexical("owls silent", SearchFilter::default()))
+            .await
+            .unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].payload.document_id, "doc-owls");
+        // Typed metadata for ranges, built from the stored strings.
+        let recent = SearchFilter {
+            ranges: vec![super::super::MetadataRange {
+                key: "year".into(),
+                kind: RangeKind::Number,
+                gte: Some(2020.0),
+                gt: None,
+                lte: None,
+                lt: None,
+            }],
+            ..SearchFilter::default()
+        };
+        let hits = index
+            .search(
+                id,
+                LegQuery {
+                    vector: QueryVector::Dense(vec![0.5; 4]),
+                    ..lexical("x", recent)
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].payload.document_id, "doc-owls");
+        // Reopening does not migrate again.
+        drop(index);
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
+        assert_eq!(index.count(id).await.unwrap(), 3);
+        assert!(!dir.path().join(format!("retired-{id}")).exists());
+        assert!(!dir.path().join(format!("migrating-{id}")).exists());
     }
 }

@@ -35,6 +35,16 @@ pub struct ChunkPayload {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// A sparse vector: term ids with their weights (BM25 term-frequency parts; the engine applies
+/// the inverse document frequency of its collection).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SparseVector {
+    /// Term ids, unique.
+    pub indices: Vec<u32>,
+    /// Weight of each term id.
+    pub values: Vec<f32>,
+}
+
 /// One chunk to write.
 #[derive(Clone, Debug)]
 pub struct IndexPoint {
@@ -42,6 +52,8 @@ pub struct IndexPoint {
     pub id: Uuid,
     /// Dense embedding; its length must equal the collection's dimension.
     pub vector: Vec<f32>,
+    /// Lexical (BM25) vector of the chunk's title and text.
+    pub sparse: SparseVector,
     /// What is stored with the point.
     pub payload: ChunkPayload,
 }
@@ -62,23 +74,92 @@ pub struct CollectionInfo {
 }
 
 /// Restrictions applied to a search (all must hold).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SearchFilter {
     /// Each entry must be present with exactly this value in the chunk's metadata.
     pub metadata: BTreeMap<String, String>,
+    /// Each key must be present with one of its values.
+    pub any_of: BTreeMap<String, Vec<String>>,
+    /// Ranges over metadata values that parse as numbers or timestamps.
+    pub ranges: Vec<MetadataRange>,
     /// If non-empty, the chunk's document must be one of these.
     pub document_ids: Vec<String>,
 }
 
-/// A dense nearest-neighbour query.
+/// What a range compares: metadata values that parse as numbers, or as RFC 3339 timestamps
+/// (compared as seconds since the epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RangeKind {
+    /// Numbers.
+    Number,
+    /// Timestamps.
+    Time,
+}
+
+/// A metadata value between bounds (each optional).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetadataRange {
+    /// Metadata key.
+    pub key: String,
+    /// Numbers or timestamps.
+    pub kind: RangeKind,
+    /// Value ≥ this.
+    pub gte: Option<f64>,
+    /// Value > this.
+    pub gt: Option<f64>,
+    /// Value ≤ this.
+    pub lte: Option<f64>,
+    /// Value < this.
+    pub lt: Option<f64>,
+}
+
+/// The vector a query ranks by.
 #[derive(Clone, Debug)]
-pub struct DenseQuery {
-    /// Query embedding; its length must equal the collection's dimension.
-    pub vector: Vec<f32>,
+pub enum QueryVector {
+    /// Nearest by cosine similarity to this embedding.
+    Dense(Vec<f32>),
+    /// Best BM25 score for these query terms (the engine applies IDF).
+    Sparse(SparseVector),
+}
+
+/// One ranked query (one leg of a hybrid search), run inside the engine.
+#[derive(Clone, Debug)]
+pub struct LegQuery {
+    /// What to rank by.
+    pub vector: QueryVector,
     /// Maximum number of hits; 0 yields no hits.
-    pub top_k: usize,
+    pub limit: usize,
     /// Restrictions on which chunks may be returned.
     pub filter: SearchFilter,
+    /// Only hits scoring at least this.
+    pub min_score: Option<f32>,
+}
+
+/// Typed metadata stored next to the text values, for range filters.
+pub fn typed_metadata(metadata: &BTreeMap<String, String>) -> Vec<(String, RangeKind, f64)> {
+    metadata
+        .iter()
+        .filter_map(|(k, v)| parse_typed(v).map(|(kind, x)| (k.clone(), kind, x)))
+        .collect()
+}
+
+/// A metadata value (or range bound) as a number or a timestamp, if it is one.
+pub fn parse_typed(value: &str) -> Option<(RangeKind, f64)> {
+    let value = value.trim();
+    if let Ok(x) = value.parse::<f64>() {
+        return x.is_finite().then_some((RangeKind::Number, x));
+    }
+    // Timestamps need a date: "2024-05-01", "2024-05-01T10:00:00Z", ...
+    if value.len() >= 10 && value.as_bytes()[4] == b'-' {
+        let parsed: std::result::Result<qdrant_edge::DateTimeWrapper, _> = value.parse();
+        if let Ok(time) = parsed {
+            return Some((RangeKind::Time, time.timestamp() as f64 / 1e6));
+        }
+        if let Ok(time) = format!("{value}T00:00:00Z").parse::<qdrant_edge::DateTimeWrapper>() {
+            return Some((RangeKind::Time, time.timestamp() as f64 / 1e6));
+        }
+    }
+    None
 }
 
 /// One hit.
@@ -116,10 +197,11 @@ pub trait VectorIndex: Send + Sync + 'static {
     async fn upsert(&self, collection_id: &str, points: Vec<IndexPoint>) -> Result<usize>;
     /// Deletes points by id, ignoring missing ones; NotFound for an unknown collection.
     async fn delete_points(&self, collection_id: &str, ids: Vec<Uuid>) -> Result<()>;
-    /// Returns the top-k chunks passing the filter, by cosine similarity, best first.
+    /// Returns the best `limit` chunks passing the filter, best first: by cosine similarity for
+    /// a dense query, by BM25 (with the collection's IDF) for a sparse one.
     ///
     /// NotFound for an unknown collection; InvalidArgument for a query vector of the wrong length.
-    async fn search(&self, collection_id: &str, query: DenseQuery) -> Result<Vec<ScoredChunk>>;
+    async fn search(&self, collection_id: &str, query: LegQuery) -> Result<Vec<ScoredChunk>>;
     /// Counts the points in a collection; NotFound for an unknown collection.
     async fn count(&self, collection_id: &str) -> Result<u64>;
 }
