@@ -3,12 +3,11 @@
 //! outlives restarts and is shared by every replica. Redis is best effort: when it is down or
 //! slow the cache quietly falls back to memory only, since a cache must never fail an embed.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use deadpool_redis::redis;
 use sha2::{Digest, Sha256};
+use smartdb_kit::redis::redis;
 
 use crate::provider::InputKind;
 
@@ -41,8 +40,6 @@ pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Versioned so a change of the value layout can never be misread by older replicas.
 const REDIS_KEY_PREFIX: &str = "smartdb:emb:v1:";
-/// Redis failures are logged at most this often: when it is down, every request fails.
-const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// Bit 0 of the value's first byte: the text was truncated.
 const FLAG_TRUNCATED: u8 = 1;
 
@@ -145,60 +142,27 @@ impl EmbeddingCache {
 
     /// Redis calls that failed (or timed out) since this cache was made; 0 without Redis.
     pub fn redis_errors(&self) -> u64 {
-        self.redis
-            .as_ref()
-            .map_or(0, |r| r.errors.load(Ordering::Relaxed))
+        self.redis.as_ref().map_or(0, |r| r.client.errors())
     }
 }
 
-/// The Redis level: a connection pool plus the bookkeeping that keeps its failures quiet.
+/// The Redis level (kit's bounded, failure-quiet client) with this cache's TTL.
 struct RedisLevel {
-    pool: deadpool_redis::Pool,
+    client: smartdb_kit::redis::Redis,
     ttl_secs: u64,
-    timeout: Duration,
-    errors: AtomicU64,
-    /// Failures not yet reported in a log line.
-    unlogged_errors: AtomicU64,
-    last_error_log: Mutex<Option<Instant>>,
-    /// Set after a failure so the recovery is logged once.
-    degraded: AtomicBool,
-}
-
-/// Why a Redis call was skipped.
-#[derive(Debug, thiserror::Error)]
-enum RedisFailure {
-    #[error("no connection: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
-    #[error("{0}")]
-    Command(#[from] redis::RedisError),
-    #[error("timed out")]
-    Timeout,
 }
 
 impl RedisLevel {
     fn new(settings: &RedisSettings) -> anyhow::Result<Self> {
-        let mut config = deadpool_redis::Config::from_url(settings.url.clone());
-        let mut pool = deadpool_redis::PoolConfig::new(16);
-        // Checkout, connect and the health check (PING) of a reused connection are all bounded,
-        // on top of the overall deadline per call.
-        pool.timeouts = deadpool_redis::Timeouts {
-            wait: Some(settings.timeout),
-            create: Some(settings.timeout),
-            recycle: Some(settings.timeout),
-        };
-        config.pool = Some(pool);
-        let pool = config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .map_err(|e| anyhow::anyhow!("invalid Redis URL for the embedding cache: {e}"))?;
         Ok(Self {
-            pool,
+            client: smartdb_kit::redis::Redis::new(
+                &settings.url,
+                settings.timeout,
+                "embedding cache",
+                "embed_cache_errors_total",
+            )?,
             // `SET EX 0` is an error; a sub-second TTL means "as short as possible".
             ttl_secs: settings.ttl.as_secs().max(1),
-            timeout: settings.timeout,
-            errors: AtomicU64::new(0),
-            unlogged_errors: AtomicU64::new(0),
-            last_error_log: Mutex::new(None),
-            degraded: AtomicBool::new(false),
         })
     }
 
@@ -209,6 +173,7 @@ impl RedisLevel {
             cmd.arg(redis_key(key));
         }
         match self
+            .client
             .run::<Vec<Option<Vec<u8>>>>(|conn| {
                 Box::pin(async move { cmd.query_async(conn).await })
             })
@@ -228,7 +193,7 @@ impl RedisLevel {
                 })
                 .collect(),
             Ok(values) => {
-                self.failed(&format!(
+                self.client.failed(&format!(
                     "MGET returned {} values for {} keys",
                     values.len(),
                     keys.len()
@@ -236,7 +201,7 @@ impl RedisLevel {
                 vec![None; keys.len()]
             }
             Err(err) => {
-                self.failed(&err);
+                self.client.failed(&err);
                 vec![None; keys.len()]
             }
         }
@@ -254,60 +219,11 @@ impl RedisLevel {
                 .ignore();
         }
         if let Err(err) = self
+            .client
             .run::<()>(|conn| Box::pin(async move { pipe.query_async(conn).await }))
             .await
         {
-            self.failed(&err);
-        }
-    }
-
-    /// Runs one call on a pooled connection within the deadline. A connection whose call
-    /// failed or timed out is dropped rather than returned, so a broken one cannot stick in
-    /// the pool (its state after a cancelled call is unknown anyway).
-    async fn run<T>(
-        &self,
-        call: impl for<'c> FnOnce(
-            &'c mut deadpool_redis::Connection,
-        ) -> std::pin::Pin<
-            Box<dyn Future<Output = redis::RedisResult<T>> + Send + 'c>,
-        >,
-    ) -> Result<T, RedisFailure> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut conn = tokio::time::timeout_at(deadline, self.pool.get())
-            .await
-            .map_err(|_| RedisFailure::Timeout)??;
-        let result = match tokio::time::timeout_at(deadline, call(&mut conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(RedisFailure::Command(err)),
-            Err(_) => Err(RedisFailure::Timeout),
-        };
-        if result.is_err() {
-            drop(deadpool_redis::Connection::take(conn));
-        } else if self.degraded.swap(false, Ordering::Relaxed) {
-            tracing::info!("Redis embedding cache reachable again");
-        }
-        result
-    }
-
-    /// Counts a failure; logs it unless one was logged in the last `ERROR_LOG_INTERVAL`.
-    fn failed(&self, err: &dyn std::fmt::Display) {
-        metrics::counter!("embed_cache_errors_total", "level" => "redis").increment(1);
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        self.unlogged_errors.fetch_add(1, Ordering::Relaxed);
-        self.degraded.store(true, Ordering::Relaxed);
-        let now = Instant::now();
-        let mut last = self
-            .last_error_log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if last.is_none_or(|at| now.duration_since(at) >= ERROR_LOG_INTERVAL) {
-            *last = Some(now);
-            let errors = self.unlogged_errors.swap(0, Ordering::Relaxed);
-            tracing::warn!(
-                error = %err,
-                errors_since_last_report = errors,
-                "Redis embedding cache unavailable; using memory only"
-            );
+            self.client.failed(&err);
         }
     }
 }
@@ -344,6 +260,7 @@ fn decode(bytes: &[u8]) -> Option<CachedVector> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn key_depends_on_model_kind_and_text() {
@@ -393,6 +310,7 @@ mod tests {
 
     /// A model id no other test run uses, so keys in the shared Redis never collide.
     fn unique_model() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

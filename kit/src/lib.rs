@@ -9,6 +9,7 @@ pub mod context;
 pub mod ids;
 pub mod limits;
 pub mod metrics;
+pub mod redis;
 pub mod server;
 pub mod shutdown;
 pub mod status;

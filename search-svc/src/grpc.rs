@@ -118,7 +118,7 @@ impl pb::index_service_server::IndexService for IndexGrpc {
                 embedding_model: r.embedding_model,
             })
             .await?;
-        self.versions.bump(&id);
+        self.versions.bump(&id).await;
         Ok(Response::new(pb::CreateCollectionResponse {
             knowledge_base_id: id,
         }))
@@ -131,7 +131,7 @@ impl pb::index_service_server::IndexService for IndexGrpc {
         let r = request.into_inner();
         parse_uuid("knowledge_base_id", &r.knowledge_base_id)?;
         self.index.delete_collection(&r.knowledge_base_id).await?;
-        self.versions.bump(&r.knowledge_base_id);
+        self.versions.bump(&r.knowledge_base_id).await;
         Ok(Response::new(pb::DeleteCollectionResponse {}))
     }
 
@@ -161,7 +161,7 @@ impl pb::index_service_server::IndexService for IndexGrpc {
             })
             .collect::<Result<Vec<_>>>()?;
         let upserted = self.index.upsert(&r.knowledge_base_id, points).await?;
-        self.versions.bump(&r.knowledge_base_id);
+        self.versions.bump(&r.knowledge_base_id).await;
         Ok(Response::new(pb::UpsertPointsResponse {
             upserted: upserted as u32,
         }))
@@ -179,7 +179,7 @@ impl pb::index_service_server::IndexService for IndexGrpc {
             .map(|id| parse_uuid("point_ids", id))
             .collect::<Result<Vec<_>>>()?;
         self.index.delete_points(&r.knowledge_base_id, ids).await?;
-        self.versions.bump(&r.knowledge_base_id);
+        self.versions.bump(&r.knowledge_base_id).await;
         Ok(Response::new(pb::DeletePointsResponse {}))
     }
 

@@ -40,6 +40,13 @@ pub struct Config {
     /// How long a cached answer may be served.
     #[arg(long, env = "SMARTDB_SEARCH_CACHE_TTL", default_value = "30m", value_parser = smartdb_kit::config::parse_duration)]
     pub cache_ttl: Duration,
+    /// Redis URL of the result cache shared by every search-svc replica, and of the knowledge
+    /// bases' versions that keep it right (unset: memory only, fine for one replica).
+    #[arg(long, env = "SMARTDB_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Longest a Redis call may take before the cache goes on without it.
+    #[arg(long, env = "SMARTDB_SEARCH_REDIS_TIMEOUT", default_value = "100ms", value_parser = smartdb_kit::config::parse_duration)]
+    pub redis_timeout: Duration,
     /// Reciprocal-rank fusion's k in hybrid search (larger flattens rank differences).
     #[arg(long, env = "SMARTDB_FUSION_K", default_value_t = search::Fusion::default().k)]
     pub fusion_k: f32,
@@ -82,7 +89,19 @@ pub async fn serve(
                 .await??,
         )
     };
-    let versions = Arc::new(cache::Versions::default());
+    let redis = match &config.redis_url {
+        Some(url) => {
+            tracing::info!("search results cached in Redis too, shared by every replica");
+            Some(Arc::new(smartdb_kit::redis::Redis::new(
+                url,
+                config.redis_timeout,
+                "search result cache",
+                "search_cache_errors_total",
+            )?))
+        }
+        None => None,
+    };
+    let versions = Arc::new(cache::Versions::new(redis.clone()));
     let embed = Downstream::connect(
         "embed-svc",
         &config.embed_addr,
@@ -95,7 +114,7 @@ pub async fn serve(
         index.clone(),
         embed,
         analyzer.clone(),
-        cache::ResultCache::new(config.cache_mb << 20, config.cache_ttl),
+        cache::ResultCache::new(config.cache_mb << 20, config.cache_ttl, redis),
         versions.clone(),
         limits,
         search::Fusion {

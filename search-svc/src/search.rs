@@ -36,7 +36,7 @@ pub const MAX_CONDITIONS: usize = 32;
 pub const MAX_ANY_OF: usize = 100;
 
 /// How hits are ranked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Mode {
     /// Dense and lexical rankings fused.
     Hybrid,
@@ -305,7 +305,7 @@ impl SearchQuery {
 }
 
 /// A search answer, cacheable unless degraded.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SearchAnswer {
     /// Hits, best first.
     pub hits: Vec<ScoredChunk>,
@@ -409,10 +409,10 @@ impl Searcher {
         let request = format!("{}\u{0}{}", query.shape(), query.offset);
         let key = QueryKey {
             collection_id: &collection.id,
-            version: self.versions.get(&collection.id),
+            version: self.versions.get(&collection.id).await,
             request: &request,
         };
-        if let Some(answer) = self.cache.get(&key) {
+        if let Some(answer) = self.cache.get(&key).await {
             return Ok((answer, true));
         }
         // One more than asked, to know whether a next page exists.
@@ -496,7 +496,7 @@ impl Searcher {
             next_offset: more.then_some(query.offset + query.top_k),
         };
         if answer.degraded.is_none() {
-            self.cache.insert(&key, answer.clone());
+            self.cache.insert(&key, answer.clone()).await;
         }
         Ok((answer, false))
     }

@@ -298,7 +298,17 @@ async fn knowledge_bases_are_isolated() {
 /// readers running concurrently (the cache key carries the knowledge base's version).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cache_never_hides_a_write() {
-    let cluster = Cluster::start().await;
+    cache_never_hides_a_write(&[]).await;
+}
+
+/// The same with the Redis level on (the machine's Redis; keys are per knowledge-base id).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_redis_cache_never_hides_a_write() {
+    cache_never_hides_a_write(&[("SMARTDB_REDIS_URL", "redis://127.0.0.1:6379")]).await;
+}
+
+async fn cache_never_hides_a_write(env: &[(&str, &str)]) {
+    let cluster = Cluster::start_with_env(env).await;
     create_kb(&cluster, "notes").await;
     ingest_text(
         &cluster,
@@ -308,62 +318,65 @@ async fn the_cache_never_hides_a_write() {
     )
     .await
     .unwrap();
-    let writers = (0..2).map(|w| {
-        let gateway = cluster.gateway.clone();
-        tokio::spawn(async move {
-            let channel = common::connect(&gateway).await;
-            let mut docs = pb::document_service_client::DocumentServiceClient::new(channel.clone());
-            let mut search = pb::search_service_client::SearchServiceClient::new(channel);
-            for i in 0..6 {
-                let marker = format!("zebra{w}x{i}");
-                // Cached before the write (same query), then written, then searched again.
-                let query = pb::SearchRequest {
-                    mode: pb::SearchMode::Lexical as i32,
-                    ..request("notes", &marker)
-                };
-                let before = search.search(query.clone()).await.unwrap().into_inner();
-                assert!(before.hits.iter().all(|h| !h.text.contains(&marker)));
-                docs.ingest_text(pb::IngestTextRequest {
-                    knowledge_base: "notes".into(),
-                    text: format!("Note {marker}: the {marker} crossed the road."),
-                    wait: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-                let after = search.search(query).await.unwrap().into_inner();
-                assert!(
-                    after.hits.iter().any(|h| h.text.contains(&marker)),
-                    "{marker} written but not found: cached={} {:?}",
-                    after.cached,
-                    after.hits
-                );
-            }
-        })
-    })
-    .collect::<Vec<_>>();
-    let readers = (0..2).map(|_| {
-        let gateway = cluster.gateway.clone();
-        tokio::spawn(async move {
-            let channel = common::connect(&gateway).await;
-            let mut search = pb::search_service_client::SearchServiceClient::new(channel);
-            let mut cached = 0;
-            let mut counts = HashSet::new();
-            for _ in 0..60 {
-                let r = search
-                    .search(request("notes", "notes about animals crossing"))
+    let writers = (0..2)
+        .map(|w| {
+            let gateway = cluster.gateway.clone();
+            tokio::spawn(async move {
+                let channel = common::connect(&gateway).await;
+                let mut docs =
+                    pb::document_service_client::DocumentServiceClient::new(channel.clone());
+                let mut search = pb::search_service_client::SearchServiceClient::new(channel);
+                for i in 0..6 {
+                    let marker = format!("zebra{w}x{i}");
+                    // Cached before the write (same query), then written, then searched again.
+                    let query = pb::SearchRequest {
+                        mode: pb::SearchMode::Lexical as i32,
+                        ..request("notes", &marker)
+                    };
+                    let before = search.search(query.clone()).await.unwrap().into_inner();
+                    assert!(before.hits.iter().all(|h| !h.text.contains(&marker)));
+                    docs.ingest_text(pb::IngestTextRequest {
+                        knowledge_base: "notes".into(),
+                        text: format!("Note {marker}: the {marker} crossed the road."),
+                        wait: true,
+                        ..Default::default()
+                    })
                     .await
-                    .unwrap()
-                    .into_inner();
-                cached += usize::from(r.cached);
-                let ids: Vec<String> = r.hits.iter().map(|h| h.document_id.clone()).collect();
-                counts.insert(ids);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (cached, counts)
+                    .unwrap();
+                    let after = search.search(query).await.unwrap().into_inner();
+                    assert!(
+                        after.hits.iter().any(|h| h.text.contains(&marker)),
+                        "{marker} written but not found: cached={} {:?}",
+                        after.cached,
+                        after.hits
+                    );
+                }
+            })
         })
-    })
-    .collect::<Vec<_>>();
+        .collect::<Vec<_>>();
+    let readers = (0..2)
+        .map(|_| {
+            let gateway = cluster.gateway.clone();
+            tokio::spawn(async move {
+                let channel = common::connect(&gateway).await;
+                let mut search = pb::search_service_client::SearchServiceClient::new(channel);
+                let mut cached = 0;
+                let mut counts = HashSet::new();
+                for _ in 0..60 {
+                    let r = search
+                        .search(request("notes", "notes about animals crossing"))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    cached += usize::from(r.cached);
+                    let ids: Vec<String> = r.hits.iter().map(|h| h.document_id.clone()).collect();
+                    counts.insert(ids);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (cached, counts)
+            })
+        })
+        .collect::<Vec<_>>();
     for writer in writers {
         writer.await.unwrap();
     }
@@ -376,6 +389,22 @@ async fn the_cache_never_hides_a_write() {
         assert!(
             counts.len() > 1,
             "readers saw the knowledge base grow: {counts:?}"
+        );
+    }
+    if !env.is_empty() {
+        // The Redis level was really asked (every memory miss goes there).
+        let metrics = common::http_get(&cluster.service("search-svc").http, "/metrics").await;
+        let redis_lookups: f64 = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("search_cache_lookups_total") && l.contains("level=\"redis\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(redis_lookups > 0.0, "{metrics}");
+        assert!(
+            !metrics.contains("search_cache_errors_total"),
+            "Redis failed: {metrics}"
         );
     }
 }

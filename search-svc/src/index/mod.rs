@@ -163,7 +163,7 @@ pub fn parse_typed(value: &str) -> Option<(RangeKind, f64)> {
 }
 
 /// One hit.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ScoredChunk {
     /// Point id of the chunk.
     pub id: Uuid,
