@@ -182,7 +182,9 @@ impl Breaker {
             names,
             state: state.clone(),
         };
-        // Every breaker shows up closed from the start, so dashboards and alerts see 0, not nothing.
+        // Every breaker shows up closed from the start, so dashboards and alerts see 0, not
+        // nothing (clients are made before the server, so make sure the recorder is there).
+        let _ = crate::metrics::handle();
         metrics::gauge!(instrument.names.gauge, instrument.labels()).set(0.0);
         let machine = failsafe::StateMachine::new(policy, instrument);
         Self {
