@@ -118,10 +118,13 @@ impl Catalog {
     }
 
     /// Checks that the catalog answers and originals can be written (readiness).
+    /// (Also reports the job backlog: `ingest_jobs_waiting` and `ingest_job_backlog_age_seconds`,
+    /// the age of the oldest job no worker holds, 0 when none waits.)
     pub async fn check_stores(&self) -> Result<()> {
-        self.store
-            .call(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
-            .await?;
+        let (waiting, oldest) = self.store.call(|c| Ok(store::backlog(c)?)).await?;
+        let age = oldest.map_or(0.0, |t| (store::now_ms() - t).max(0) as f64 / 1000.0);
+        metrics::gauge!("ingest_jobs_waiting").set(waiting as f64);
+        metrics::gauge!("ingest_job_backlog_age_seconds").set(age);
         let mut probe = self.blobs.writer().await?;
         probe.write(b"readiness probe").await?;
         Ok(())

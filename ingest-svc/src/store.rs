@@ -660,6 +660,15 @@ pub fn remove_doc(conn: &Connection, id: &str) -> Result<()> {
 
 // ---- jobs ----
 
+/// Jobs waiting for a worker (not leased now), and the creation time (ms) of the oldest.
+pub fn backlog(c: &Connection) -> rusqlite::Result<(u64, Option<i64>)> {
+    c.query_row(
+        "SELECT COUNT(*), MIN(create_time) FROM jobs WHERE lease_until <= ?1",
+        [now_ms()],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+    )
+}
+
 /// The life-cycle step a status stands for, as reported when a job gives up.
 fn step_name(status: Status) -> &'static str {
     match status {

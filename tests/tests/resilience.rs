@@ -249,6 +249,19 @@ async fn killed_search_svc_loses_no_chunk_of_500_documents() {
         ids.push(response.document.unwrap().id);
     }
     let accepted = started.elapsed();
+    // The backlog shows in ingest-svc's metrics (refreshed every few seconds).
+    let ingest = cluster.service("ingest-svc");
+    let backlog = eventually(
+        Duration::from_secs(15),
+        "a backlog in the metrics",
+        || async {
+            let text = common::http_get(&ingest.http, "/metrics").await;
+            let waiting = metric(&text, "ingest_jobs_waiting", &[])?;
+            let age = metric(&text, "ingest_job_backlog_age_seconds", &[])?;
+            (waiting > 0.0 && age > 0.0).then_some((waiting, age))
+        },
+    )
+    .await;
 
     // Wait until every document is INDEXED (none may fail).
     let mut docs = cluster.docs().await;
@@ -310,6 +323,21 @@ async fn killed_search_svc_loses_no_chunk_of_500_documents() {
         stats.point_count
     );
     assert_eq!(stats.point_count, expected, "chunks lost or doubled");
+    println!(
+        "backlog seen: {} jobs waiting, the oldest for {:.1} s",
+        backlog.0, backlog.1
+    );
+    eventually(
+        Duration::from_secs(15),
+        "an empty backlog in the metrics",
+        || async {
+            let text = common::http_get(&ingest.http, "/metrics").await;
+            (metric(&text, "ingest_jobs_waiting", &[]) == Some(0.0)
+                && metric(&text, "ingest_job_backlog_age_seconds", &[]) == Some(0.0))
+            .then_some(())
+        },
+    )
+    .await;
 
     // And the documents are searchable through the restarted search-svc.
     let hits = common::search(&cluster, "scifact", "bone mineral density")
