@@ -320,3 +320,71 @@ pub fn free_port() -> std::io::Result<u16> {
         .local_addr()?
         .port())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tonic_health::pb::health_server::Health as _;
+
+    async fn status(service: &tonic_health::server::HealthService, name: &str) -> i32 {
+        service
+            .check(tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+                service: name.to_owned(),
+            }))
+            .await
+            .map_or(-1, |r| r.into_inner().status)
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_hard_dependency_and_stops_when_draining() {
+        let (reporter, _) = tonic_health::server::health_reporter();
+        let service = Arc::new(tonic_health::server::HealthService::from_health_reporter(
+            reporter.clone(),
+        ));
+        let health = Health {
+            reporter,
+            services: vec!["smartdb.v1.Thing"],
+            ready: Arc::new(tokio::sync::Mutex::new(false)),
+            draining: Arc::new(AtomicBool::new(false)),
+        };
+        let up = Arc::new(AtomicBool::new(true));
+        let follower = {
+            let up = up.clone();
+            health.follow(Duration::from_millis(10), move || {
+                let ok = up.load(Ordering::SeqCst);
+                async move { if ok { Ok(()) } else { Err("disk gone".into()) } }
+            })
+        };
+        let serving = ServingStatus::Serving as i32;
+        let not_serving = ServingStatus::NotServing as i32;
+        let wait_for = |want: i32| {
+            let service = service.clone();
+            async move {
+                for _ in 0..200 {
+                    if status(&service, "").await == want
+                        && status(&service, "smartdb.v1.Thing").await == want
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                panic!("status never became {want}");
+            }
+        };
+        wait_for(serving).await;
+        up.store(false, Ordering::SeqCst);
+        wait_for(not_serving).await;
+        up.store(true, Ordering::SeqCst);
+        wait_for(serving).await;
+        // Draining: nothing reports SERVING again, and the follower ends.
+        health.draining.store(true, Ordering::Release);
+        health.set_not_serving().await;
+        health.set_serving().await;
+        assert_eq!(status(&service, "").await, not_serving);
+        tokio::time::timeout(Duration::from_secs(1), follower)
+            .await
+            .expect("the follower stops once draining")
+            .unwrap();
+    }
+}
