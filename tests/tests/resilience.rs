@@ -87,6 +87,34 @@ async fn search_load(
     samples
 }
 
+/// A search load running in the background.
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Sample>>,
+}
+
+impl Load {
+    /// Starts [`search_load`] on knowledge base "kb" (5 s deadlines) and lets it run `warm_up`.
+    async fn start(cluster: &Cluster, cached: bool, warm_up: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(search_load(
+            cluster.gateway.clone(),
+            "kb",
+            cached,
+            Duration::from_secs(5),
+            stop.clone(),
+        ));
+        tokio::time::sleep(warm_up).await;
+        Load { stop, task }
+    }
+
+    /// Stops the load and returns what it measured.
+    async fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
 fn percentile(mut values: Vec<Duration>, p: f64) -> Duration {
     if values.is_empty() {
         return Duration::ZERO;
@@ -141,23 +169,14 @@ async fn killed_embed_svc_degrades_fast_and_recovers() {
     let cluster = Cluster::start().await;
     seed(&cluster, "kb").await;
     let embed = cluster.service("embed-svc");
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(search_load(
-        cluster.gateway.clone(),
-        "kb",
-        true,
-        Duration::from_secs(5),
-        stop.clone(),
-    ));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load = Load::start(&cluster, true, Duration::from_secs(2)).await;
 
     let killed = Instant::now();
     signal(embed.pid.unwrap(), libc::SIGKILL);
     serving(&embed.grpc, Duration::from_secs(120)).await;
     let back = Instant::now();
     tokio::time::sleep(Duration::from_secs(12)).await;
-    stop.store(true, Ordering::Relaxed);
-    let samples = load.await.unwrap();
+    let samples = load.stop().await;
 
     let down: Vec<&Sample> = samples
         .iter()
@@ -498,15 +517,7 @@ async fn a_killed_embed_replica_leaves_the_set_and_rejoins() {
     serving(&second.grpc, Duration::from_secs(120)).await;
     seed(&cluster, "kb").await;
     let search = cluster.service("search-svc");
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(search_load(
-        cluster.gateway.clone(),
-        "kb",
-        false,
-        Duration::from_secs(5),
-        stop.clone(),
-    ));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load = Load::start(&cluster, false, Duration::from_secs(2)).await;
 
     let killed = Instant::now();
     signal(second.pid.unwrap(), libc::SIGKILL);
@@ -548,8 +559,7 @@ async fn a_killed_embed_replica_leaves_the_set_and_rejoins() {
     };
     let before = attempts(&common::http_get(&search.http, "/metrics").await);
     tokio::time::sleep(Duration::from_secs(6)).await;
-    stop.store(true, Ordering::Relaxed);
-    let samples = load.await.unwrap();
+    let samples = load.stop().await;
     let after = attempts(&common::http_get(&search.http, "/metrics").await);
 
     let down: Vec<&Sample> = samples
@@ -626,15 +636,7 @@ async fn redis_dying_during_load_costs_no_request() {
     let cluster = Cluster::start_with_env(&[("SMARTDB_REDIS_URL", &url)]).await;
     seed(&cluster, "kb").await;
     let embed = cluster.service("embed-svc");
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(search_load(
-        cluster.gateway.clone(),
-        "kb",
-        false,
-        Duration::from_secs(5),
-        stop.clone(),
-    ));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let load = Load::start(&cluster, false, Duration::from_secs(3)).await;
     // Redis is in use: new queries miss it (and are then written to it).
     let redis_misses = metric(
         &common::http_get(&embed.http, "/metrics").await,
@@ -659,8 +661,7 @@ async fn redis_dying_during_load_costs_no_request() {
         );
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Relaxed);
-    let samples = load.await.unwrap();
+    let samples = load.stop().await;
     for id in &ids {
         common::wait_for_status(
             &cluster,
