@@ -35,6 +35,8 @@ pub struct Endpoint {
     service: EndpointService,
     breaker: Breaker,
     in_flight: AtomicUsize,
+    /// `client_attempts_total` of this endpoint, registered once (a lookup per call costs).
+    attempts: std::sync::OnceLock<metrics::Counter>,
 }
 
 impl Endpoint {
@@ -45,6 +47,7 @@ impl Endpoint {
             service,
             breaker,
             in_flight: AtomicUsize::new(0),
+            attempts: std::sync::OnceLock::new(),
         }
     }
 
@@ -175,7 +178,11 @@ impl tower::Service<HttpRequest> for Balancer {
             Ok(endpoint) => endpoint,
             Err(status) => return Box::pin(std::future::ready(Err(Box::new(status) as BoxError))),
         };
-        metrics::counter!("client_attempts_total", "downstream" => self.downstream, "endpoint" => endpoint.addr.clone()).increment(1);
+        let downstream = self.downstream;
+        endpoint
+            .attempts
+            .get_or_init(|| metrics::counter!("client_attempts_total", "downstream" => downstream, "endpoint" => endpoint.addr.clone()))
+            .increment(1);
         let service = endpoint.service.clone();
         let guard = InFlight::new(endpoint);
         Box::pin(async move {

@@ -114,7 +114,13 @@ pub struct Downstream {
     settings: Arc<ClientSettings>,
     budget: Arc<TpsBudget>,
     _discovery: Arc<discovery::Refresh>,
+    /// Outcome counters and latency histograms by (method, code), registered once each: a
+    /// registry lookup with labels on every call costs more than the rest of the stack.
+    instruments: Arc<std::sync::RwLock<Instruments>>,
 }
+
+type Instruments =
+    std::collections::HashMap<(&'static str, i32), (metrics::Counter, metrics::Histogram)>;
 
 impl Downstream {
     /// A client of `name` at `target`: `host:port`, a comma-separated list of them, or a DNS
@@ -141,6 +147,7 @@ impl Downstream {
             balancer,
             settings,
             _discovery: Arc::new(refresh),
+            instruments: Arc::default(),
         })
     }
 
@@ -215,9 +222,27 @@ impl Downstream {
             Ok(_) => tonic::Code::Ok,
             Err(status) => status.code(),
         };
-        metrics::counter!("client_requests_total", "downstream" => self.name, "method" => rpc.method, "code" => crate::metrics::code_label(code)).increment(1);
-        metrics::histogram!("client_request_duration_seconds", "downstream" => self.name, "method" => rpc.method)
-            .record(started.elapsed().as_secs_f64());
+        let key = (rpc.method, code as i32);
+        let known = self
+            .instruments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let (requests, duration) = known.unwrap_or_else(|| {
+            let name = self.name;
+            let made = (
+                metrics::counter!("client_requests_total", "downstream" => name, "method" => rpc.method, "code" => crate::metrics::code_label(code)),
+                metrics::histogram!("client_request_duration_seconds", "downstream" => name, "method" => rpc.method),
+            );
+            self.instruments
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, made.clone());
+            made
+        });
+        requests.increment(1);
+        duration.record(started.elapsed().as_secs_f64());
         result
     }
 }
