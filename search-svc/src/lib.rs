@@ -68,6 +68,9 @@ pub struct Config {
     /// BM25 average chunk length in terms.
     #[arg(long, env = "SMARTDB_BM25_AVG_LEN", default_value_t = lexical::Bm25Settings::default().avg_len)]
     pub bm25_avg_len: f64,
+    /// A Qdrant server or cluster instead of the embedded engine (`--qdrant-url`, ...).
+    #[command(flatten)]
+    pub qdrant: index::qdrant::QdrantArgs,
 }
 
 /// Runs search-svc until `shutdown` resolves.
@@ -81,7 +84,10 @@ pub async fn serve(
         b: config.bm25_b,
         avg_len: config.bm25_avg_len,
     })?);
-    let index: Arc<dyn index::VectorIndex> = {
+    let index: Arc<dyn index::VectorIndex> = if config.qdrant.url.is_some() {
+        // Sparse vectors come with each point and query; Qdrant applies the IDF.
+        Arc::new(index::QdrantIndex::connect(config.qdrant.clone()).await?)
+    } else {
         let dir = data_dir.clone();
         let analyzer = analyzer.clone();
         Arc::new(

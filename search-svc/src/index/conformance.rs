@@ -30,10 +30,12 @@ use crate::{Error, Result};
 /// Instantiates every conformance case as a `#[tokio::test]`.
 ///
 /// `$factory` is an async fn returning `(index, guard)`; the guard (e.g. a temp dir) is kept alive
-/// for the duration of the test. A new case must be added to the list below to run.
+/// for the duration of the test. Attributes after it are put on every case, e.g.
+/// `#[cfg_attr(not(some_cfg), ignore = "why")]` for a backend that needs a server. A new case
+/// must be added to the list below to run.
 macro_rules! vector_index_conformance {
-    ($factory:path) => {
-        vector_index_conformance!(@cases $factory;
+    ($factory:path $(, #[$attr:meta])* $(,)?) => {
+        vector_index_conformance!(@cases $factory; [$(#[$attr])*];
             create_is_idempotent,
             orphans_are_reused_or_replaced,
             create_rejects_zero_dimension,
@@ -54,15 +56,17 @@ macro_rules! vector_index_conformance {
             min_score_threshold,
         );
     };
-    (@cases $factory:path; $($case:ident),+ $(,)?) => {
-        $(
-            #[tokio::test]
-            async fn $case() {
-                let (index, _guard) = $factory().await;
-                $crate::index::conformance::$case(&index).await;
-            }
-        )+
+    // One case at a time: the attributes repeat at another depth than the case names.
+    (@cases $factory:path; [$($attr:tt)*]; $case:ident, $($rest:ident,)*) => {
+        #[tokio::test]
+        $($attr)*
+        async fn $case() {
+            let (index, _guard) = $factory().await;
+            $crate::index::conformance::$case(&index).await;
+        }
+        vector_index_conformance!(@cases $factory; [$($attr)*]; $($rest,)*);
     };
+    (@cases $factory:path; [$($attr:tt)*];) => {};
 }
 
 const DIM: u32 = 4;

@@ -51,20 +51,20 @@ use crate::lexical::Analyzer;
 use crate::{Error, Result};
 
 /// Name of the dense vector in every shard.
-const DENSE: &str = "dense";
+pub(super) const DENSE: &str = "dense";
 /// Name of the BM25 sparse vector (registry version 2 on); the engine applies IDF to it.
-const SPARSE: &str = "bm25";
+pub(super) const SPARSE: &str = "bm25";
 /// Payload field listing metadata values that parse as numbers: `[{"key": k, "value": x}]`.
-const METADATA_NUMBERS_FIELD: &str = "metadata_numbers";
+pub(super) const METADATA_NUMBERS_FIELD: &str = "metadata_numbers";
 /// Payload field listing metadata values that parse as timestamps, as seconds since the epoch.
-const METADATA_TIMES_FIELD: &str = "metadata_times";
+pub(super) const METADATA_TIMES_FIELD: &str = "metadata_times";
 /// Payload field of [`super::ChunkPayload::document_id`], keyword-indexed.
-const DOCUMENT_ID_FIELD: &str = "document_id";
+pub(super) const DOCUMENT_ID_FIELD: &str = "document_id";
 /// Extra payload field listing the metadata entries as `["key","value"]` strings, keyword-indexed.
 ///
 /// Filtering on it instead of on `metadata.<key>` needs a single index whatever the keys are,
 /// and accepts any key (qdrant paths cannot address keys containing `"` or `\`).
-const METADATA_PAIRS_FIELD: &str = "metadata_pairs";
+pub(super) const METADATA_PAIRS_FIELD: &str = "metadata_pairs";
 const REGISTRY_FILE: &str = "collections.json";
 const REGISTRY_TMP_FILE: &str = "collections.json.tmp";
 /// Version 1: dense vectors only. Version 2: a BM25 sparse vector per point and typed metadata
@@ -72,7 +72,7 @@ const REGISTRY_TMP_FILE: &str = "collections.json.tmp";
 const REGISTRY_VERSION: u32 = 2;
 const COLLECTIONS_DIR: &str = "collections";
 const LOCK_FILE: &str = ".lock";
-const MAX_ID_LEN: usize = 128;
+pub(super) const MAX_ID_LEN: usize = 128;
 
 /// Knobs for new collections; tests shrink them to exercise optimization on little data.
 #[derive(Clone, Debug)]
@@ -429,36 +429,7 @@ impl Inner {
 
     fn upsert(&self, id: &str, points: Vec<IndexPoint>) -> Result<(usize, Arc<Shard>)> {
         let shard = self.shard(id)?;
-        for point in &points {
-            if point.vector.len() != shard.dimension {
-                return Err(Error::invalid(
-                    "points",
-                    format!(
-                        "point {} has {} dimensions, collection {id} expects {}",
-                        point.id,
-                        point.vector.len(),
-                        shard.dimension
-                    ),
-                ));
-            }
-            if !point.vector.iter().all(|x| x.is_finite())
-                || !point.sparse.values.iter().all(|x| x.is_finite())
-            {
-                return Err(Error::invalid(
-                    "points",
-                    format!("point {} has a non-finite vector component", point.id),
-                ));
-            }
-            if point.sparse.indices.len() != point.sparse.values.len() {
-                return Err(Error::invalid(
-                    "points",
-                    format!(
-                        "point {} has a sparse vector with unpaired entries",
-                        point.id
-                    ),
-                ));
-            }
-        }
+        check_points(id, &points, shard.dimension)?;
         let written = points.len();
         if written > 0 {
             let points = points
@@ -601,29 +572,44 @@ impl Shard {
     }
 }
 
-fn to_edge_point(point: IndexPoint) -> Result<qdrant_edge::PointStructPersisted> {
-    let mut payload = serde_json::to_value(&point.payload).map_err(|err| {
-        Error::Internal(format!("serializing payload of point {}: {err}", point.id))
-    })?;
-    let pairs = point
-        .payload
-        .metadata
-        .iter()
-        .map(|(k, v)| metadata_pair(k, v).into())
-        .collect();
-    let (mut numbers, mut times) = (Vec::new(), Vec::new());
-    for (key, kind, value) in typed_metadata(&point.payload.metadata) {
-        let entry = serde_json::json!({"key": key, "value": value});
-        match kind {
-            RangeKind::Number => numbers.push(entry),
-            RangeKind::Time => times.push(entry),
+/// Refuses a batch (InvalidArgument `points`) holding a vector of the wrong length, a non-finite
+/// component or a sparse vector with unpaired entries.
+pub(super) fn check_points(id: &str, points: &[IndexPoint], dimension: usize) -> Result<()> {
+    for point in points {
+        if point.vector.len() != dimension {
+            return Err(Error::invalid(
+                "points",
+                format!(
+                    "point {} has {} dimensions, collection {id} expects {}",
+                    point.id,
+                    point.vector.len(),
+                    dimension
+                ),
+            ));
+        }
+        if !point.vector.iter().all(|x| x.is_finite())
+            || !point.sparse.values.iter().all(|x| x.is_finite())
+        {
+            return Err(Error::invalid(
+                "points",
+                format!("point {} has a non-finite vector component", point.id),
+            ));
+        }
+        if point.sparse.indices.len() != point.sparse.values.len() {
+            return Err(Error::invalid(
+                "points",
+                format!(
+                    "point {} has a sparse vector with unpaired entries",
+                    point.id
+                ),
+            ));
         }
     }
-    if let serde_json::Value::Object(map) = &mut payload {
-        map.insert(METADATA_PAIRS_FIELD.into(), serde_json::Value::Array(pairs));
-        map.insert(METADATA_NUMBERS_FIELD.into(), numbers.into());
-        map.insert(METADATA_TIMES_FIELD.into(), times.into());
-    }
+    Ok(())
+}
+
+fn to_edge_point(point: IndexPoint) -> Result<qdrant_edge::PointStructPersisted> {
+    let payload = stored_payload(point.id, &point.payload)?;
     // `PointStruct::new` panics on a non-object payload; a struct always serializes to one.
     let sparse = qdrant_edge::SparseVector {
         indices: point.sparse.indices,
@@ -636,8 +622,35 @@ fn to_edge_point(point: IndexPoint) -> Result<qdrant_edge::PointStructPersisted>
     Ok(PointStruct::new(PointId::Uuid(point.id), vectors, payload).into())
 }
 
+/// The payload stored with a chunk (in every backend): [`ChunkPayload`] as JSON plus the
+/// filterable fields derived from its metadata (`metadata_pairs`, `metadata_numbers`,
+/// `metadata_times`). Always a JSON object.
+pub(super) fn stored_payload(id: Uuid, chunk: &ChunkPayload) -> Result<serde_json::Value> {
+    let mut payload = serde_json::to_value(chunk)
+        .map_err(|err| Error::Internal(format!("serializing payload of point {id}: {err}")))?;
+    let pairs = chunk
+        .metadata
+        .iter()
+        .map(|(k, v)| metadata_pair(k, v).into())
+        .collect();
+    let (mut numbers, mut times) = (Vec::new(), Vec::new());
+    for (key, kind, value) in typed_metadata(&chunk.metadata) {
+        let entry = serde_json::json!({"key": key, "value": value});
+        match kind {
+            RangeKind::Number => numbers.push(entry),
+            RangeKind::Time => times.push(entry),
+        }
+    }
+    if let serde_json::Value::Object(map) = &mut payload {
+        map.insert(METADATA_PAIRS_FIELD.into(), serde_json::Value::Array(pairs));
+        map.insert(METADATA_NUMBERS_FIELD.into(), numbers.into());
+        map.insert(METADATA_TIMES_FIELD.into(), times.into());
+    }
+    Ok(payload)
+}
+
 /// One metadata entry as a single keyword, unambiguous whatever the key and value contain.
-fn metadata_pair(key: &str, value: &str) -> String {
+pub(super) fn metadata_pair(key: &str, value: &str) -> String {
     serde_json::json!([key, value]).to_string()
 }
 
@@ -880,7 +893,7 @@ fn json_path(path: &str) -> Result<JsonPath> {
 }
 
 /// Collection ids become directory names, so only plain ASCII names are accepted.
-fn validate_id(id: &str) -> Result<()> {
+pub(super) fn validate_id(id: &str) -> Result<()> {
     let plain = id
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');

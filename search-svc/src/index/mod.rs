@@ -1,8 +1,8 @@
 //! The vector index behind search-svc: engine-neutral types and the [`VectorIndex`] trait.
 //!
-//! One collection per knowledge base, one point per chunk. [`EdgeIndex`] embeds qdrant-edge; a
-//! Qdrant-server implementation can follow. Every implementation must pass the shared conformance
-//! suite in `conformance.rs`.
+//! One collection per knowledge base, one point per chunk. [`EdgeIndex`] embeds qdrant-edge;
+//! [`QdrantIndex`] talks to a Qdrant server or cluster. Every implementation must pass the shared
+//! conformance suite in `conformance.rs`.
 
 use std::collections::BTreeMap;
 
@@ -14,8 +14,10 @@ use crate::Result;
 #[macro_use]
 pub(crate) mod conformance;
 pub mod edge;
+pub mod qdrant;
 
 pub use edge::EdgeIndex;
+pub use qdrant::QdrantIndex;
 
 /// Payload stored with each chunk and returned with hits.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, Default)]
