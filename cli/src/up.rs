@@ -122,34 +122,45 @@ struct ServiceEntry {
 
 /// The address for a service: `port`, checked to be free now (so a second `smartdb up` fails
 /// at once instead of restarting children that cannot bind), or a free port if `port` is 0.
-fn pick(host: std::net::IpAddr, port: u16) -> anyhow::Result<SocketAddr> {
-    let port = if port == 0 {
-        smartdb_kit::server::free_port()?
-    } else {
-        port
-    };
-    let addr = SocketAddr::new(host, port);
-    std::net::TcpListener::bind(addr).with_context(|| {
-        format!("cannot listen on {addr}: is another smartdb (or another program) using it?")
-    })?;
-    Ok(addr)
+/// Picks the cluster's addresses. Each is checked by binding it, and the listeners are held
+/// until every address is picked: a released port could otherwise be handed out again (port 0)
+/// and two services would get the same one.
+#[derive(Default)]
+struct Ports {
+    held: Vec<std::net::TcpListener>,
 }
 
-fn http_addr(
-    host: std::net::IpAddr,
-    grpc_port: u16,
-    requested: u16,
-    offset: u16,
-) -> anyhow::Result<SocketAddr> {
-    if requested == 0 {
-        pick(host, 0)
-    } else {
-        pick(
-            host,
-            grpc_port
-                .checked_add(offset)
-                .context("HTTP port out of range")?,
-        )
+impl Ports {
+    fn pick(&mut self, host: std::net::IpAddr, port: u16) -> anyhow::Result<SocketAddr> {
+        let listener =
+            std::net::TcpListener::bind(SocketAddr::new(host, port)).with_context(|| {
+                format!(
+                    "cannot listen on {}: is another smartdb (or another program) using it?",
+                    SocketAddr::new(host, port)
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        self.held.push(listener);
+        Ok(addr)
+    }
+
+    fn http_addr(
+        &mut self,
+        host: std::net::IpAddr,
+        grpc_port: u16,
+        requested: u16,
+        offset: u16,
+    ) -> anyhow::Result<SocketAddr> {
+        if requested == 0 {
+            self.pick(host, 0)
+        } else {
+            self.pick(
+                host,
+                grpc_port
+                    .checked_add(offset)
+                    .context("HTTP port out of range")?,
+            )
+        }
     }
 }
 
@@ -168,7 +179,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let (h, internal) = (args.host, args.internal_host);
     let off = args.http_port_offset;
-    let embed = pick(internal, args.embed_port)?;
+    let mut ports = Ports::default();
+    let embed = ports.pick(internal, args.embed_port)?;
     let embed_replicas = args
         .replicas
         .iter()
@@ -178,16 +190,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Extra replicas on free ports (with free HTTP ports): (grpc, http).
     let mut extra_embeds = Vec::new();
     for _ in 1..embed_replicas {
-        extra_embeds.push((pick(internal, 0)?, pick(internal, 0)?));
+        extra_embeds.push((ports.pick(internal, 0)?, ports.pick(internal, 0)?));
     }
     let embed_addrs = std::iter::once(embed)
         .chain(extra_embeds.iter().map(|(grpc, _)| *grpc))
         .map(|a| a.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let search = pick(internal, args.search_port)?;
-    let ingest = pick(internal, args.ingest_port)?;
-    let gateway = pick(h, args.gateway_port)?;
+    let search = ports.pick(internal, args.search_port)?;
+    let ingest = ports.pick(internal, args.ingest_port)?;
+    let gateway = ports.pick(h, args.gateway_port)?;
     // Obtain the model before anything starts, so the wait is visible and happens once.
     eprintln!(
         "smartdb: checking the embedding model in {} ...",
@@ -212,7 +224,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         name: "embed-svc",
         args: embed_args.clone(),
         grpc: embed,
-        http: http_addr(internal, embed.port(), args.embed_port, off)?,
+        http: ports.http_addr(internal, embed.port(), args.embed_port, off)?,
     }];
     for (i, (grpc, http)) in extra_embeds.iter().enumerate() {
         specs.push(Spec {
@@ -234,7 +246,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 embed_addrs.clone(),
             ],
             grpc: search,
-            http: http_addr(internal, search.port(), args.search_port, off)?,
+            http: ports.http_addr(internal, search.port(), args.search_port, off)?,
         },
         Spec {
             name: "ingest-svc",
@@ -248,7 +260,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 search.to_string(),
             ],
             grpc: ingest,
-            http: http_addr(internal, ingest.port(), args.ingest_port, off)?,
+            http: ports.http_addr(internal, ingest.port(), args.ingest_port, off)?,
         },
         Spec {
             name: "gateway",
@@ -262,9 +274,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 embed_addrs.clone(),
             ],
             grpc: gateway,
-            http: http_addr(h, gateway.port(), args.gateway_port, off)?,
+            http: ports.http_addr(h, gateway.port(), args.gateway_port, off)?,
         },
     ]);
+    // All picked and distinct: free them for the services.
+    drop(ports);
 
     let state = Arc::new(Mutex::new(ClusterFile {
         supervisor_pid: std::process::id(),
