@@ -329,7 +329,11 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     } else {
         chunks
             .iter()
-            .map(|chunk| format!("{}\n{chunk}", doc.title))
+            // A title taken from the text's own first line is already there.
+            .map(|chunk| match chunk.starts_with(doc.title.as_str()) {
+                true => chunk.clone(),
+                false => format!("{}\n{chunk}", doc.title),
+            })
             .collect()
     };
     let vectors = catalog

@@ -61,7 +61,8 @@ impl Analyzer {
     /// title, which is often the best keyword match).
     pub fn document(&self, title: &str, text: &str) -> SparseVector {
         let joined;
-        let text = if title.is_empty() {
+        // A title taken from the text's own first line is already there.
+        let text = if title.is_empty() || text.starts_with(title) {
             text
         } else {
             joined = format!("{title}\n{text}");
