@@ -35,6 +35,8 @@ pub struct Endpoint {
     service: EndpointService,
     breaker: Breaker,
     in_flight: AtomicUsize,
+    /// Calls in flight to it beyond which more are shed at once.
+    max_in_flight: usize,
     /// `client_attempts_total` of this endpoint, registered once (a lookup per call costs).
     attempts: std::sync::OnceLock<metrics::Counter>,
 }
@@ -47,8 +49,17 @@ impl Endpoint {
             service,
             breaker,
             in_flight: AtomicUsize::new(0),
+            max_in_flight: usize::MAX,
             attempts: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sheds calls beyond `max` in flight at once, with RESOURCE_EXHAUSTED and a retry hint.
+    /// (Counted here, where the balancer counts calls anyway, rather than with tower's
+    /// concurrency limit and load shedding: two more layers and a semaphore on every call.)
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max.max(1);
+        self
     }
 
     /// Its circuit breaker.
@@ -66,9 +77,14 @@ impl Endpoint {
 struct InFlight(Arc<Endpoint>);
 
 impl InFlight {
-    fn new(endpoint: Arc<Endpoint>) -> Self {
-        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        Self(endpoint)
+    /// Counts a call, unless the endpoint already has its maximum in flight.
+    fn try_new(endpoint: Arc<Endpoint>) -> Result<Self, Arc<Endpoint>> {
+        let before = endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        if before >= endpoint.max_in_flight {
+            endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(endpoint);
+        }
+        Ok(Self(endpoint))
     }
 }
 
@@ -184,7 +200,20 @@ impl tower::Service<HttpRequest> for Balancer {
             .get_or_init(|| metrics::counter!("client_attempts_total", "downstream" => downstream, "endpoint" => endpoint.addr.clone()))
             .increment(1);
         let service = endpoint.service.clone();
-        let guard = InFlight::new(endpoint);
+        let guard = match InFlight::try_new(endpoint) {
+            Ok(guard) => guard,
+            Err(endpoint) => {
+                metrics::counter!("client_rejected_total", "downstream" => downstream, "reason" => "in_flight_limit").increment(1);
+                let status = crate::status::resource_exhausted(
+                    format!(
+                        "{downstream} at {}: too many calls in flight from this client",
+                        endpoint.addr
+                    ),
+                    Some(std::time::Duration::from_millis(50)),
+                );
+                return Box::pin(std::future::ready(Err(Box::new(status) as BoxError)));
+            }
+        };
         Box::pin(async move {
             let result = service.oneshot(request).await;
             drop(guard);
@@ -322,6 +351,41 @@ mod tests {
             .map(|_| balancer.pick().unwrap().addr.clone())
             .collect();
         assert_eq!(picked.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn calls_beyond_the_in_flight_limit_are_shed_with_a_hint() {
+        let slow = Arc::new(
+            Arc::into_inner(endpoint("slow", Duration::from_millis(200), Arc::default()))
+                .unwrap()
+                .with_max_in_flight(2),
+        );
+        let balancer = Balancer::new("svc");
+        balancer.set_endpoints(vec![slow]);
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let mut b = balancer.clone();
+                tokio::spawn(async move { tower::Service::call(&mut b, request()).await })
+            })
+            .collect();
+        let mut shed = 0;
+        for call in calls {
+            if let Err(err) = call.await.unwrap() {
+                let status = err.downcast::<tonic::Status>().unwrap();
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                assert!(
+                    status.message().contains("too many calls in flight"),
+                    "{status:?}"
+                );
+                assert!(crate::status::classify(&status) != crate::status::Failure::Rejected);
+                shed += 1;
+            }
+        }
+        assert_eq!(shed, 1);
+        // Slots are given back: later calls go through.
+        tower::Service::call(&mut balancer.clone(), request())
+            .await
+            .unwrap();
     }
 
     #[test]

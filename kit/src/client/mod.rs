@@ -6,8 +6,9 @@
 //!    backoff with full jitter, a retry budget, never past the caller's deadline;
 //! 3. **power-of-two-choices balancing** over the downstream's endpoints ([`balance`]), which
 //!    come from an address list or a DNS name re-resolved periodically ([`discovery`]);
-//! 4. per endpoint: a **circuit breaker** ([`breaker`]), a **concurrency limit** that sheds load
-//!    at once when reached, and a **per-attempt timeout** ([`timeout`]) over the connection.
+//! 4. per endpoint: a **concurrency limit** that sheds load at once when reached (counted by the
+//!    balancer), a **circuit breaker** ([`breaker`]), and a **per-attempt timeout**
+//!    ([`timeout`]) over the connection.
 //!
 //! A retry can land on a healthy replica, and a sick replica's breaker takes it out of the set.
 //! Deadlines travel with every call (`grpc-timeout`, the caller's remaining time minus a margin,
@@ -247,8 +248,8 @@ impl Downstream {
     }
 }
 
-/// Builds one endpoint's stack: breaker → shed at the concurrency limit → attempt timeout →
-/// a lazily connecting channel.
+/// Builds one endpoint's stack: breaker → attempt timeout → a lazily connecting channel (the
+/// balancer sheds calls beyond the endpoint's in-flight limit before they reach it).
 fn endpoint(
     downstream: &'static str,
     addr: &discovery::Resolved,
@@ -286,18 +287,19 @@ fn endpoint(
     let stack = tower::ServiceBuilder::new()
         .layer(breaker::BreakerLayer::new(breaker.clone(), what.clone()))
         .map_err(move |error: BoxError| to_status_error(&shed_what, error))
-        .load_shed()
-        .concurrency_limit(settings.max_in_flight_per_endpoint.max(1))
         .layer(timeout::AttemptTimeoutLayer::new(
             settings.attempt_timeout,
             what,
         ))
         .service(channel);
-    Ok(Arc::new(balance::Endpoint::new(
-        addr.addr.to_string(),
-        tower::util::BoxCloneSyncService::new(stack),
-        breaker,
-    )))
+    Ok(Arc::new(
+        balance::Endpoint::new(
+            addr.addr.to_string(),
+            tower::util::BoxCloneSyncService::new(stack),
+            breaker,
+        )
+        .with_max_in_flight(settings.max_in_flight_per_endpoint),
+    ))
 }
 
 /// Turns an error from inside an endpoint's stack into a `Status` that names the endpoint.
