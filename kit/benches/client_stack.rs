@@ -1,4 +1,5 @@
-//! Cost of the client stack per call (`cargo bench --workspace --bench client_stack`).
+//! Cost of the client stack per call (`cargo bench -p smartdb-kit --bench client_stack`; `-p`
+//! builds only kit in release, not the whole workspace).
 //!
 //! One real gRPC server on loopback TCP (`grpc.health.v1`, the cheapest answer there is, so the
 //! difference is all client side), called in the same run through a bare tonic channel and
