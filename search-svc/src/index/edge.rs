@@ -296,17 +296,7 @@ impl Inner {
             if *existing == info {
                 return Ok(info.id);
             }
-            return Err(Error::invalid(
-                "knowledge_base",
-                format!(
-                    "collection {} already exists as {}/{} (dimension {}, model {})",
-                    existing.id,
-                    existing.tenant,
-                    existing.name,
-                    existing.dimension,
-                    existing.embedding_model
-                ),
-            ));
+            return Err(super::exists_with_other_settings(existing));
         }
         if let Some(orphan) = registry
             .values()

@@ -175,6 +175,21 @@ pub struct ScoredChunk {
     pub payload: ChunkPayload,
 }
 
+/// The error of a create whose id exists with other settings (the same for every backend).
+pub(crate) fn exists_with_other_settings(existing: &CollectionInfo) -> crate::Error {
+    crate::Error::invalid(
+        "knowledge_base",
+        format!(
+            "collection {} already exists as {}/{} (dimension {}, model {})",
+            existing.id,
+            existing.tenant,
+            existing.name,
+            existing.dimension,
+            existing.embedding_model
+        ),
+    )
+}
+
 /// A vector store holding one collection per knowledge base.
 #[async_trait::async_trait]
 pub trait VectorIndex: Send + Sync + 'static {

@@ -490,17 +490,7 @@ impl VectorIndex for QdrantIndex {
                 self.remember(&info.id, Some(info.dimension as usize));
                 return Ok(info.id);
             }
-            return Err(Error::invalid(
-                "knowledge_base",
-                format!(
-                    "collection {} already exists as {}/{} (dimension {}, model {})",
-                    existing.id,
-                    existing.tenant,
-                    existing.name,
-                    existing.dimension,
-                    existing.embedding_model
-                ),
-            ));
+            return Err(super::exists_with_other_settings(&existing));
         }
         for orphan in self.registry_find(&info.tenant, &info.name).await? {
             // The catalog reserves a name before it creates its collection, so one already
