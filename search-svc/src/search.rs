@@ -423,38 +423,38 @@ impl Searcher {
             filter: query.filter.clone(),
             min_score: query.min_score,
         };
-        let dense = match query.mode {
+        let sparse = || QueryVector::Sparse(self.analyzer.query(&query.query));
+        let embedded = match query.mode {
             Mode::Lexical => None,
             Mode::Hybrid | Mode::Dense => Some(
                 self.embed_query(ctx, &query.query, &collection.embedding_model)
                     .await,
             ),
         };
-        let sparse = || QueryVector::Sparse(self.analyzer.query(&query.query));
-        let (mut hits, mode, degraded) = match (query.mode, dense) {
-            (Mode::Lexical, _) => (
+        let (mut hits, mode, degraded) = match embedded {
+            None => (
                 self.index.search(&collection.id, leg(sparse())).await?,
                 Mode::Lexical,
                 None,
             ),
-            (mode, Some(Err(err))) if err.is_degradable() => {
+            Some(Err(err)) if err.is_degradable() => {
                 metrics::counter!("search_degraded_total", "reason" => err.reason_label())
                     .increment(1);
                 let reason =
                     format!("query embedding failed ({err}); ranked by keywords (BM25) only");
                 let hits = self.index.search(&collection.id, leg(sparse())).await?;
-                tracing::warn!(mode = ?mode, error = %err, "search degraded to lexical");
+                tracing::warn!(mode = ?query.mode, error = %err, "search degraded to lexical");
                 (hits, Mode::Lexical, Some(reason))
             }
-            (_, Some(Err(err))) => return Err(err),
-            (Mode::Dense, Some(Ok(vector))) => (
+            Some(Err(err)) => return Err(err),
+            Some(Ok(vector)) if query.mode == Mode::Dense => (
                 self.index
                     .search(&collection.id, leg(QueryVector::Dense(vector)))
                     .await?,
                 Mode::Dense,
                 None,
             ),
-            (Mode::Hybrid, Some(Ok(vector))) => {
+            Some(Ok(vector)) => {
                 let candidates = depth.max(self.fusion.candidates);
                 // The threshold applies to the fused score, not to either leg's.
                 let wide = |vector| LegQuery {
@@ -480,7 +480,6 @@ impl Searcher {
                 }
                 (fused, Mode::Hybrid, None)
             }
-            (Mode::Hybrid | Mode::Dense, None) => unreachable!("dense modes embed the query"),
         };
         let more = hits.len() > query.offset + query.top_k;
         hits = hits

@@ -37,8 +37,6 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     /// Calls in flight to it beyond which more are shed at once.
     max_in_flight: usize,
-    /// `client_attempts_total` of this endpoint, registered once (a lookup per call costs).
-    attempts: std::sync::OnceLock<metrics::Counter>,
 }
 
 impl Endpoint {
@@ -50,7 +48,6 @@ impl Endpoint {
             breaker,
             in_flight: AtomicUsize::new(0),
             max_in_flight: usize::MAX,
-            attempts: std::sync::OnceLock::new(),
         }
     }
 
@@ -195,10 +192,7 @@ impl tower::Service<HttpRequest> for Balancer {
             Err(status) => return Box::pin(std::future::ready(Err(Box::new(status) as BoxError))),
         };
         let downstream = self.downstream;
-        endpoint
-            .attempts
-            .get_or_init(|| metrics::counter!("client_attempts_total", "downstream" => downstream, "endpoint" => endpoint.addr.clone()))
-            .increment(1);
+        metrics::counter!("client_attempts_total", "downstream" => downstream, "endpoint" => endpoint.addr.clone()).increment(1);
         let service = endpoint.service.clone();
         let guard = match InFlight::try_new(endpoint) {
             Ok(guard) => guard,

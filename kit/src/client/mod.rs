@@ -115,13 +115,7 @@ pub struct Downstream {
     settings: Arc<ClientSettings>,
     budget: Arc<TpsBudget>,
     _discovery: Arc<discovery::Refresh>,
-    /// Outcome counters and latency histograms by (method, code), registered once each: a
-    /// registry lookup with labels on every call costs more than the rest of the stack.
-    instruments: Arc<std::sync::RwLock<Instruments>>,
 }
-
-type Instruments =
-    std::collections::HashMap<(&'static str, i32), (metrics::Counter, metrics::Histogram)>;
 
 impl Downstream {
     /// A client of `name` at `target`: `host:port`, a comma-separated list of them, or a DNS
@@ -148,7 +142,6 @@ impl Downstream {
             balancer,
             settings,
             _discovery: Arc::new(refresh),
-            instruments: Arc::default(),
         })
     }
 
@@ -223,27 +216,9 @@ impl Downstream {
             Ok(_) => tonic::Code::Ok,
             Err(status) => status.code(),
         };
-        let key = (rpc.method, code as i32);
-        let known = self
-            .instruments
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned();
-        let (requests, duration) = known.unwrap_or_else(|| {
-            let name = self.name;
-            let made = (
-                metrics::counter!("client_requests_total", "downstream" => name, "method" => rpc.method, "code" => crate::metrics::code_label(code)),
-                metrics::histogram!("client_request_duration_seconds", "downstream" => name, "method" => rpc.method),
-            );
-            self.instruments
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key, made.clone());
-            made
-        });
-        requests.increment(1);
-        duration.record(started.elapsed().as_secs_f64());
+        metrics::counter!("client_requests_total", "downstream" => self.name, "method" => rpc.method, "code" => crate::metrics::code_label(code)).increment(1);
+        metrics::histogram!("client_request_duration_seconds", "downstream" => self.name, "method" => rpc.method)
+            .record(started.elapsed().as_secs_f64());
         result
     }
 }
@@ -306,12 +281,6 @@ fn endpoint(
 fn to_status_error(what: &str, error: BoxError) -> BoxError {
     let status = match error.downcast::<tonic::Status>() {
         Ok(status) => *status,
-        Err(error) if error.is::<tower::load_shed::error::Overloaded>() => {
-            crate::status::resource_exhausted(
-                format!("{what}: too many calls in flight from this client"),
-                Some(Duration::from_millis(50)),
-            )
-        }
         // tonic's own enforcement of `grpc-timeout` may fire before ours.
         Err(error) if is_timeout(&*error) => {
             tonic::Status::deadline_exceeded(format!("{what}: no answer within the deadline"))
@@ -349,9 +318,6 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 pub(crate) fn error_failure(error: &BoxError) -> Failure {
     match error.downcast_ref::<tonic::Status>() {
         Some(status) => classify(status),
-        None if error.is::<tower::load_shed::error::Overloaded>() => Failure::Overloaded {
-            retry_after: Duration::ZERO,
-        },
         None if is_timeout(&**error) => Failure::DeadlineExceeded,
         None => Failure::Unavailable,
     }
