@@ -149,6 +149,11 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// Where the bytes are while being written (readable once finished).
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
     /// Bytes written so far.
     pub fn size(&self) -> u64 {
         self.size

@@ -333,19 +333,40 @@ impl Catalog {
         let content_type = match new.arrival {
             Arrival::File => extract::sniff(&written, &new.source_name, new.format)?,
             Arrival::Text => new.format.unwrap_or_else(|| {
-                if extract::looks_like_markdown(&String::from_utf8_lossy(&written.prefix)) {
+                let prefix = String::from_utf8_lossy(&written.prefix);
+                if extract::looks_like_html(&prefix) {
+                    ContentType::Html
+                } else if extract::looks_like_markdown(&prefix) {
                     ContentType::Markdown
                 } else {
                     ContentType::Plain
                 }
             }),
         };
+        // A damaged or oversized PDF or DOCX is refused now, not failed later; and the title
+        // the document carries is read.
+        let carried_title = {
+            let (path, prefix, limits) = (
+                writer.path().to_owned(),
+                written.prefix.clone(),
+                self.limits.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                extract::inspect(content_type, &path, &prefix, &limits)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
+        };
         let title = if !new.title.trim().is_empty() {
             new.title.trim().to_owned()
+        } else if let Some(title) = carried_title {
+            cut(&title, self.limits.title_bytes)
         } else if !new.source_name.is_empty() {
             new.source_name.clone()
-        } else {
+        } else if content_type.is_text() {
             extract::title_from_text(&String::from_utf8_lossy(&written.prefix))
+        } else {
+            String::new()
         };
         let now = store::now_ms();
         let doc = Document {
@@ -645,6 +666,15 @@ fn next_token<T>(
     } else {
         String::new()
     }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 #[cfg(test)]

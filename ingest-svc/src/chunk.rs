@@ -70,16 +70,24 @@ impl Chunker {
                     .with_sizer(tokenizer)
                     .with_trim(true);
                 match content_type {
-                    ContentType::Markdown => MarkdownSplitter::new(config).chunks(text).collect(),
-                    ContentType::Plain => TextSplitter::new(config).chunks(text).collect(),
+                    ContentType::Markdown | ContentType::Html | ContentType::Docx => {
+                        MarkdownSplitter::new(config).chunks(text).collect()
+                    }
+                    ContentType::Plain | ContentType::Pdf => {
+                        TextSplitter::new(config).chunks(text).collect()
+                    }
                 }
             }
             None => {
                 let config =
                     ChunkConfig::new(self.max_tokens.min(self.max_chars())).with_trim(true);
                 match content_type {
-                    ContentType::Markdown => MarkdownSplitter::new(config).chunks(text).collect(),
-                    ContentType::Plain => TextSplitter::new(config).chunks(text).collect(),
+                    ContentType::Markdown | ContentType::Html | ContentType::Docx => {
+                        MarkdownSplitter::new(config).chunks(text).collect()
+                    }
+                    ContentType::Plain | ContentType::Pdf => {
+                        TextSplitter::new(config).chunks(text).collect()
+                    }
                 }
             }
         };

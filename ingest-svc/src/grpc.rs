@@ -162,6 +162,18 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
             None => return Err(Error::invalid("header", "the upload stream was empty").into()),
         };
         let kb_name = header.knowledge_base.clone();
+        let declared = match header.content_type.trim() {
+            "" => None,
+            given => Some(ContentType::parse(given).ok_or_else(|| {
+                Error::invalid(
+                    "header.content_type",
+                    format!(
+                        "unsupported content type {given:?}; {}",
+                        crate::extract::SUPPORTED
+                    ),
+                )
+            })?),
+        };
         // Everything about the document is checked before its bytes are taken in.
         let mut upload = self
             .catalog
@@ -172,7 +184,7 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
                     title: header.title,
                     source_name: header.source_name,
                     metadata: header.metadata.into_iter().collect(),
-                    format: None,
+                    format: declared,
                     arrival: Arrival::File,
                 },
             )
@@ -224,6 +236,7 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
         let format = match pb::TextFormat::try_from(r.format) {
             Ok(pb::TextFormat::Plain) => Some(ContentType::Plain),
             Ok(pb::TextFormat::Markdown) => Some(ContentType::Markdown),
+            Ok(pb::TextFormat::Html) => Some(ContentType::Html),
             Ok(pb::TextFormat::Unspecified) => None,
             Err(_) => {
                 return Err(

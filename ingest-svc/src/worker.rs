@@ -283,20 +283,24 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     let bytes = tokio::task::spawn_blocking(move || blobs.get(&doc_id))
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
-    let text = extract::text(&bytes)?;
-    drop(bytes);
+    let content_type = ContentType::parse(&doc.content_type).unwrap_or(ContentType::Plain);
+    let limits = catalog.limits().clone();
+    let extracted =
+        tokio::task::spawn_blocking(move || extract::extract(content_type, &bytes, &limits))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+    let (text, split_as) = (extracted.text, extracted.split_as);
     if let Some(marker) = &catalog.jobs.crash_marker
         && text.contains(marker.as_str())
     {
         tracing::error!(document = %doc.id, "fault injection: this document crashes its worker");
         std::process::abort();
     }
-    let content_type = ContentType::parse(&doc.content_type).unwrap_or(ContentType::Plain);
     let chunker = catalog
         .downstream
         .chunker(&ctx, &kb.embedding_model)
         .await?;
-    let chunks = tokio::task::spawn_blocking(move || chunker.split(&text, content_type))
+    let chunks = tokio::task::spawn_blocking(move || chunker.split(&text, split_as))
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;
     if chunks.is_empty() {

@@ -122,6 +122,34 @@ pub struct Limits {
         default_value_t = 20_000
     )]
     pub chunks_per_document: usize,
+    /// Most pages of a PDF; longer ones are refused at upload.
+    #[arg(
+        long = "limit-pdf-pages",
+        env = "SMARTDB_LIMIT_PDF_PAGES",
+        default_value_t = 2000
+    )]
+    pub pdf_pages: usize,
+    /// Most bytes the parts of a DOCX (a zip archive) may unpack to, in MiB (zip bombs).
+    #[arg(
+        long = "limit-unpacked-mb",
+        env = "SMARTDB_LIMIT_UNPACKED_MB",
+        default_value_t = 256
+    )]
+    pub unpacked_mb: usize,
+    /// Most a DOCX may grow when unpacked, as a ratio of unpacked to packed bytes (zip bombs).
+    #[arg(
+        long = "limit-unpack-ratio",
+        env = "SMARTDB_LIMIT_UNPACK_RATIO",
+        default_value_t = 100
+    )]
+    pub unpack_ratio: usize,
+    /// Most text extracted from one document, in MiB; larger documents fail with the reason.
+    #[arg(
+        long = "limit-text-mb",
+        env = "SMARTDB_LIMIT_TEXT_MB",
+        default_value_t = 32
+    )]
+    pub text_mb: usize,
     /// Largest chunk text, in bytes (chunks are token-bounded; this bounds character-measured ones).
     #[arg(
         long = "limit-chunk-bytes",
@@ -183,6 +211,16 @@ impl Limits {
     /// Largest document, in bytes.
     pub fn document_bytes(&self) -> usize {
         self.document_mb.saturating_mul(1 << 20)
+    }
+
+    /// Most bytes an archive's parts may unpack to.
+    pub fn unpacked_bytes(&self) -> u64 {
+        (self.unpacked_mb as u64).saturating_mul(1 << 20)
+    }
+
+    /// Most bytes of text extracted from one document.
+    pub fn text_bytes(&self) -> usize {
+        self.text_mb.saturating_mul(1 << 20)
     }
 
     /// Most bytes a document's metadata can take (keys and values).

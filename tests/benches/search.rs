@@ -1,0 +1,603 @@
+//! Search at scale: latency, throughput and memory of a real cluster (`smartdb up`, release
+//! build), through the gateway and straight to search-svc in the same run.
+//!
+//! ```sh
+//! cargo build --release -p smartdb-cli && cargo bench -p smartdb-tests --bench search
+//! ```
+//!
+//! Data: the SciFact corpus (5,183 real abstracts, ~9,250 chunks) goes in through the public
+//! API, so the first scale is real text embedded by the real model. Larger scales add synthetic
+//! points straight into search-svc's index (random unit vectors, texts drawn from the corpus
+//! vocabulary so the BM25 postings look real); queries are always real sentences of the corpus,
+//! embedded by the real model, each text used once so an "uncached" search misses both the
+//! result cache and embed-svc's cache.
+//!
+//! Env: `SMARTDB_BENCH_SCALES` (chunks, default `10000,100000`), `SMARTDB_BENCH_QUERIES`
+//! (uncached searches per mode and path, default 200), `SMARTDB_BENCH_CACHED` (cached searches
+//! per path, default 2000), `SMARTDB_BENCH_CONCURRENCY` (clients in the throughput runs,
+//! default 8), `SMARTDB_BENCH_SECONDS` (length of each throughput run, default 5).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use smartdb_proto::v1 as pb;
+use tonic::transport::Channel;
+
+type SearchClient = pb::search_service_client::SearchServiceClient<Channel>;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut found = Vec::new();
+        macro_rules! probe {
+            ($($f:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($f) {
+                    found.push($f);
+                }
+            )*};
+        }
+        probe!("avx2", "fma", "avx512f", "avx512bw", "avx512bf16");
+        found.join(" ")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_owned()
+    }
+}
+
+/// Latencies of one variant.
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    Stats {
+        p50: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Sentences of the corpus to query with, each used once.
+struct Queries {
+    texts: Vec<String>,
+    next: AtomicUsize,
+}
+
+impl Queries {
+    fn new(corpus: &[(String, String)]) -> Self {
+        let mut texts = Vec::new();
+        for (_, text) in corpus {
+            for sentence in text.split(". ") {
+                let words: Vec<&str> = sentence.split_whitespace().take(14).collect();
+                if words.len() >= 6 {
+                    texts.push(words.join(" "));
+                }
+            }
+        }
+        // Spread consecutive queries over the corpus.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for i in (1..texts.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            texts.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        Self {
+            texts,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn take(&self) -> String {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let text = &self.texts[i % self.texts.len()];
+        if i < self.texts.len() {
+            text.clone()
+        } else {
+            format!("{text} {}", i / self.texts.len())
+        }
+    }
+}
+
+fn request(kb: &str, query: String, mode: pb::SearchMode) -> pb::SearchRequest {
+    pb::SearchRequest {
+        knowledge_base: kb.to_owned(),
+        query,
+        top_k: 10,
+        mode: mode as i32,
+        ..Default::default()
+    }
+}
+
+async fn timed(
+    client: &mut SearchClient,
+    req: pb::SearchRequest,
+) -> (Duration, pb::SearchResponse) {
+    let started = Instant::now();
+    let response = client
+        .search(req)
+        .await
+        .unwrap_or_else(|s| panic!("search failed: {s:?}"))
+        .into_inner();
+    (started.elapsed(), response)
+}
+
+/// Memory of a process from `/proc`: (VmRSS, RssAnon, RssFile) in bytes.
+fn memory(pid: u32) -> (u64, u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
+}
+
+/// CPU time a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
+    get(11) + get(12)
+}
+
+/// Waits until search-svc's background work (segment merging, HNSW builds) is done: its CPU
+/// time stops growing for a few seconds.
+async fn wait_idle(pid: u32) {
+    let started = Instant::now();
+    let mut last = cpu_ticks(pid);
+    let mut quiet = 0;
+    while quiet < 4 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cpu_ticks(pid);
+        if now - last <= 2 {
+            quiet += 1;
+        } else {
+            quiet = 0;
+        }
+        last = now;
+    }
+    println!(
+        "  search-svc idle after {:.0} s of background work",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Loads the corpus through the gateway and waits until every document is indexed.
+async fn load_corpus(cluster: &Cluster, kb: &str, corpus: &[(String, String)]) -> u64 {
+    let started = Instant::now();
+    let concurrency = 8;
+    let chunks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let corpus = Arc::new(corpus.to_vec());
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (corpus, next, chunks) = (corpus.clone(), next.clone(), chunks.clone());
+        let docs = cluster.docs().await;
+        let kb = kb.to_owned();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((id, text)) = corpus.get(i) else {
+                    return;
+                };
+                let response = docs
+                    .clone()
+                    .ingest_text(pb::IngestTextRequest {
+                        knowledge_base: kb.clone(),
+                        text: text.clone(),
+                        title: id.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|s| panic!("ingest {id}: {s:?}"))
+                    .into_inner();
+                chunks
+                    .lock()
+                    .unwrap()
+                    .push(response.document.expect("document").id);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("upload task");
+    }
+    let ids = std::mem::take(&mut *chunks.lock().unwrap());
+    let mut total = 0;
+    for id in &ids {
+        let doc = common::wait_for_status(
+            cluster,
+            kb,
+            id,
+            pb::DocumentStatus::Indexed,
+            Duration::from_secs(3600),
+        )
+        .await;
+        total += doc.chunk_count as u64;
+    }
+    println!(
+        "  {} documents ({total} chunks) uploaded and indexed through the gateway in {:.0} s",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+    total
+}
+
+/// Adds `count` synthetic points to the knowledge base's collection, straight into search-svc.
+async fn add_synthetic(
+    search: &str,
+    kb_id: &str,
+    dimension: usize,
+    vocabulary: &[String],
+    analyzer: &smartdb_search::lexical::Analyzer,
+    from: u64,
+    count: u64,
+) -> u64 {
+    let started = Instant::now();
+    let mut index =
+        pb::index_service_client::IndexServiceClient::new(common::connect(search).await)
+            .max_encoding_message_size(64 << 20);
+    let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ from;
+    let mut rand = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let batch = 256;
+    let mut done = 0;
+    let mut nonzeros = 0;
+    while done < count {
+        let n = batch.min(count - done);
+        let points = (0..n)
+            .map(|i| {
+                let number = from + done + i;
+                // Roughly normal components (sum of uniforms) give directions spread over the sphere.
+                let mut vector: Vec<f32> = (0..dimension)
+                    .map(|_| {
+                        (0..4)
+                            .map(|_| (rand() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                            .sum()
+                    })
+                    .collect();
+                let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+                vector.iter_mut().for_each(|x| *x /= norm);
+                let words = 120 + (rand() % 80) as usize;
+                let text = (0..words)
+                    .map(|_| vocabulary[(rand() % vocabulary.len() as u64) as usize].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                nonzeros += analyzer.document("", &text).indices.len() as u64;
+                pb::Point {
+                    id: uuid_like(number),
+                    vector,
+                    document_id: format!("synthetic-{}", number / 2),
+                    chunk_index: (number % 2) as u32,
+                    text,
+                    title: String::new(),
+                    metadata: Default::default(),
+                    source_name: format!("synthetic-{}.txt", number / 2),
+                }
+            })
+            .collect();
+        index
+            .upsert_points(pb::UpsertPointsRequest {
+                knowledge_base_id: kb_id.to_owned(),
+                points,
+            })
+            .await
+            .unwrap_or_else(|s| panic!("upsert: {s:?}"));
+        done += n;
+    }
+    println!(
+        "  {count} synthetic points upserted into search-svc in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    nonzeros
+}
+
+fn uuid_like(n: u64) -> String {
+    format!("00000000-0000-4000-8000-{n:012x}")
+}
+
+/// Uncached searches of one mode, alternating gateway and direct; returns (gateway, direct).
+async fn uncached(
+    gateway: &mut SearchClient,
+    direct: &mut SearchClient,
+    kb: &str,
+    mode: pb::SearchMode,
+    queries: &Queries,
+    n: usize,
+) -> (Stats, Stats) {
+    let (mut through, mut straight) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (client, samples) = if i % 2 == 0 {
+            (&mut *gateway, &mut through)
+        } else {
+            (&mut *direct, &mut straight)
+        };
+        let (took, response) = timed(client, request(kb, queries.take(), mode)).await;
+        assert!(
+            !response.cached,
+            "a fresh query was answered from the cache"
+        );
+        assert!(!response.degraded, "degraded: {}", response.degraded_reason);
+        assert_eq!(response.mode, mode as i32);
+        samples.push(took);
+    }
+    (stats(through), stats(straight))
+}
+
+/// The same query again and again, alternating gateway and direct.
+async fn cached(
+    gateway: &mut SearchClient,
+    direct: &mut SearchClient,
+    kb: &str,
+    queries: &Queries,
+    n: usize,
+) -> (Stats, Stats) {
+    let query = queries.take();
+    let req = request(kb, query, pb::SearchMode::Hybrid);
+    timed(gateway, req.clone()).await;
+    let (mut through, mut straight) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (client, samples) = if i % 2 == 0 {
+            (&mut *gateway, &mut through)
+        } else {
+            (&mut *direct, &mut straight)
+        };
+        let (took, response) = timed(client, req.clone()).await;
+        assert!(response.cached, "a repeated query was not cached");
+        samples.push(took);
+    }
+    (stats(through), stats(straight))
+}
+
+/// Searches per second with `clients` concurrent callers for `seconds`.
+async fn throughput(
+    addr: &str,
+    kb: &str,
+    queries: Arc<Queries>,
+    fresh: bool,
+    clients: usize,
+    seconds: u64,
+) -> f64 {
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let fixed = queries.take();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut client = SearchClient::new(common::connect(addr).await);
+        let (kb, queries, done, fixed) =
+            (kb.to_owned(), queries.clone(), done.clone(), fixed.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < stop {
+                let query = if fresh { queries.take() } else { fixed.clone() };
+                timed(&mut client, request(&kb, query, pb::SearchMode::Hybrid)).await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let started = Instant::now();
+    for task in tasks {
+        task.await.expect("client task");
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// p50 of embedding one query straight at embed-svc (its share of an uncached search).
+async fn embedding_p50(embed: &str, model: &str, queries: &Queries, n: usize) -> Duration {
+    let mut client =
+        pb::embed_service_client::EmbedServiceClient::new(common::connect(embed).await);
+    let mut samples = Vec::new();
+    for _ in 0..n {
+        let started = Instant::now();
+        client
+            .embed(pb::EmbedRequest {
+                model: model.to_owned(),
+                texts: vec![queries.take()],
+                kind: pb::InputKind::Query as i32,
+            })
+            .await
+            .unwrap_or_else(|s| panic!("embed: {s:?}"));
+        samples.push(started.elapsed());
+    }
+    stats(samples).p50
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let scales: Vec<u64> = std::env::var("SMARTDB_BENCH_SCALES")
+        .unwrap_or_else(|_| "10000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let n: usize = env_or("SMARTDB_BENCH_QUERIES", 200);
+    let n_cached: usize = env_or("SMARTDB_BENCH_CACHED", 2000);
+    let clients: usize = env_or("SMARTDB_BENCH_CONCURRENCY", 8);
+    let seconds: u64 = env_or("SMARTDB_BENCH_SECONDS", 5);
+    println!(
+        "search bench: cpu features [{}], {} cores, scales {scales:?}, {n} uncached searches per mode and path, {n_cached} cached, throughput {clients} clients x {seconds} s",
+        cpu_features(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    let corpus = common::scifact();
+    let queries = Arc::new(Queries::new(&corpus));
+    let mut vocabulary: Vec<String> = corpus
+        .iter()
+        .flat_map(|(_, t)| t.split_whitespace())
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .to_lowercase()
+        })
+        .filter(|w| w.len() > 1)
+        .collect();
+    // Keep word frequencies (duplicates stay) so postings follow a natural distribution.
+    vocabulary.truncate(2_000_000);
+    let analyzer = smartdb_search::lexical::Analyzer::new(Default::default()).expect("analyzer");
+
+    let cluster = Cluster::start().await;
+    let search = cluster.service("search-svc");
+    let embed = cluster.service("embed-svc");
+    let search_pid = search.pid.expect("search-svc pid");
+    let kb = common::create_kb(&cluster, "bench").await;
+    let dimension =
+        pb::embed_service_client::EmbedServiceClient::new(common::connect(&embed.grpc).await)
+            .embed(pb::EmbedRequest {
+                model: kb.embedding_model.clone(),
+                texts: vec!["dimension probe".into()],
+                kind: pb::InputKind::Query as i32,
+            })
+            .await
+            .expect("embed")
+            .into_inner()
+            .embeddings[0]
+            .values
+            .len();
+    let (rss0, _, _) = memory(search_pid);
+    println!(
+        "search-svc RSS with an empty knowledge base: {:.1} MB; model {} ({dimension} dimensions)",
+        rss0 as f64 / 1e6,
+        kb.embedding_model
+    );
+
+    let mut gateway = cluster.search().await;
+    let mut direct = SearchClient::new(common::connect(&search.grpc).await)
+        .max_decoding_message_size(common::MAX_MESSAGE);
+    let mut points = 0u64;
+    let mut sparse_nonzeros = 0u64;
+    for &scale in &scales {
+        println!("\n== {scale} chunks");
+        if points == 0 {
+            points = load_corpus(&cluster, &kb.name, &corpus).await;
+            // Per document, not per chunk: a slight undercount where chunks share terms.
+            sparse_nonzeros += corpus
+                .iter()
+                .map(|(id, t)| analyzer.document(id, t).indices.len() as u64)
+                .sum::<u64>();
+        }
+        if points < scale {
+            let add = scale - points;
+            sparse_nonzeros += add_synthetic(
+                &search.grpc,
+                &kb.id,
+                dimension,
+                &vocabulary,
+                &analyzer,
+                points,
+                add,
+            )
+            .await;
+            points = scale;
+        }
+        wait_idle(search_pid).await;
+        let count =
+            pb::index_service_client::IndexServiceClient::new(common::connect(&search.grpc).await)
+                .get_collection_stats(pb::GetCollectionStatsRequest {
+                    knowledge_base_id: kb.id.clone(),
+                })
+                .await
+                .expect("stats")
+                .into_inner()
+                .point_count;
+        println!("  {count} points in the collection");
+
+        let embed_p50 = embedding_p50(&embed.grpc, &kb.embedding_model, &queries, 100).await;
+        println!(
+            "  {:<8} {:>22} {:>22} {:>8}",
+            "mode", "gateway p50/p99 ms", "direct p50/p99 ms", "gw/dir"
+        );
+        for mode in [
+            pb::SearchMode::Hybrid,
+            pb::SearchMode::Dense,
+            pb::SearchMode::Lexical,
+        ] {
+            let (g, d) = uncached(&mut gateway, &mut direct, &kb.name, mode, &queries, 2 * n).await;
+            println!(
+                "  {:<8} {:>12.2} / {:>7.2} {:>12.2} / {:>7.2} {:>7.2}x",
+                format!("{mode:?}").to_lowercase(),
+                ms(g.p50),
+                ms(g.p99),
+                ms(d.p50),
+                ms(d.p99),
+                g.p50.as_secs_f64() / d.p50.as_secs_f64()
+            );
+        }
+        println!(
+            "  query embedding alone (straight to embed-svc): p50 {:.2} ms",
+            ms(embed_p50)
+        );
+        let (g, d) = cached(&mut gateway, &mut direct, &kb.name, &queries, 2 * n_cached).await;
+        println!(
+            "  {:<8} {:>12.3} / {:>7.3} {:>12.3} / {:>7.3} {:>7.2}x",
+            "cached",
+            ms(g.p50),
+            ms(g.p99),
+            ms(d.p50),
+            ms(d.p99),
+            g.p50.as_secs_f64() / d.p50.as_secs_f64()
+        );
+        for (what, fresh) in [("uncached hybrid", true), ("cached", false)] {
+            let through = throughput(
+                &cluster.gateway,
+                &kb.name,
+                queries.clone(),
+                fresh,
+                clients,
+                seconds,
+            )
+            .await;
+            let straight = throughput(
+                &search.grpc,
+                &kb.name,
+                queries.clone(),
+                fresh,
+                clients,
+                seconds,
+            )
+            .await;
+            println!("  throughput {what:<16} gateway {through:>8.0}/s   direct {straight:>8.0}/s");
+        }
+        let (rss, anon, file) = memory(search_pid);
+        let dense = count * dimension as u64 * 4;
+        let sparse = sparse_nonzeros * 8;
+        println!(
+            "  search-svc memory: RSS {:.1} MB (anonymous {:.1}, file-backed {:.1}); raw dense vectors {:.1} MB -> RSS {:.2}x dense; raw sparse vectors ~{:.1} MB (index u32 + weight f32 per term)",
+            rss as f64 / 1e6,
+            anon as f64 / 1e6,
+            file as f64 / 1e6,
+            dense as f64 / 1e6,
+            rss as f64 / dense as f64,
+            sparse as f64 / 1e6,
+        );
+    }
+}
