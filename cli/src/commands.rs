@@ -329,6 +329,17 @@ pub async fn search(addr: &str, args: SearchArgs) -> anyhow::Result<()> {
             .chars()
             .take(240)
             .collect();
+        let mut place = hit.heading_path.join(" > ");
+        if hit.page_start > 0 {
+            let pages = match hit.page_end > hit.page_start {
+                true => format!("pp. {}-{}", hit.page_start, hit.page_end),
+                false => format!("p. {}", hit.page_start),
+            };
+            place = match place.is_empty() {
+                true => pages,
+                false => format!("{place}, {pages}"),
+            };
+        }
         println!(
             "{:>2}. {:.3}  {}  [{} #{}]",
             i + 1,
@@ -337,6 +348,9 @@ pub async fn search(addr: &str, args: SearchArgs) -> anyhow::Result<()> {
             hit.document_id,
             hit.chunk_index
         );
+        if !place.is_empty() {
+            println!("    in: {place}");
+        }
         println!("    {snippet}");
     }
     Ok(())

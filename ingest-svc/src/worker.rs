@@ -18,6 +18,7 @@ use smartdb_proto::v1 as pb;
 use tokio::sync::watch;
 
 use crate::catalog::Catalog;
+use crate::chunk::Chunk;
 use crate::downstream::point_id;
 use crate::error::{Error, Result};
 use crate::extract::{self, ContentType};
@@ -289,7 +290,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         tokio::task::spawn_blocking(move || extract::extract(content_type, &bytes, &limits))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
-    let (text, split_as) = (extracted.text, extracted.split_as);
+    let (text, split_as, page_starts) = (extracted.text, extracted.split_as, extracted.page_starts);
     if let Some(marker) = &catalog.jobs.crash_marker
         && text.contains(marker.as_str())
     {
@@ -300,7 +301,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         .downstream
         .chunker(&ctx, &kb.embedding_model)
         .await?;
-    let chunks = tokio::task::spawn_blocking(move || chunker.split(&text, split_as))
+    let chunks = tokio::task::spawn_blocking(move || chunker.split(&text, split_as, &page_starts))
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;
     if chunks.is_empty() {
@@ -325,21 +326,14 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     {
         return finish(catalog, job).await;
     }
-    // Each chunk is embedded with its document's title in front: a chunk rarely repeats the
-    // title, which often says best what the chunk is about. (embed-svc truncates the rare input
-    // that the title pushes past the model's limit; search-svc adds the title to the BM25 text.)
-    let embedded: Vec<String> = if doc.title.trim().is_empty() {
-        chunks.clone()
-    } else {
-        chunks
-            .iter()
-            // A title taken from the text's own first line is already there.
-            .map(|chunk| match chunk.starts_with(doc.title.as_str()) {
-                true => chunk.clone(),
-                false => format!("{}\n{chunk}", doc.title),
-            })
-            .collect()
-    };
+    // Each chunk is embedded with its document's title and its heading path in front: a chunk
+    // rarely repeats them, and they often say best what the chunk is about. (embed-svc truncates
+    // the rare input that they push past the model's limit; search-svc adds both to the BM25
+    // text.)
+    let embedded: Vec<String> = chunks
+        .iter()
+        .map(|chunk| embedded_text(&doc.title, chunk))
+        .collect();
     let vectors = catalog
         .downstream
         .embed_documents(&ctx, &kb.embedding_model, &embedded)
@@ -361,15 +355,20 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
             .iter()
             .zip(vectors)
             .enumerate()
-            .map(|(i, (text, vector))| pb::Point {
+            .map(|(i, (chunk, vector))| pb::Point {
                 id: point_id(&doc.id, first + i as u32),
                 vector: vector.clone(),
                 document_id: doc.id.clone(),
                 chunk_index: first + i as u32,
-                text: text.clone(),
+                text: chunk.text.clone(),
                 title: doc.title.clone(),
                 metadata: metadata.clone(),
                 source_name: doc.source_name.clone(),
+                heading_path: chunk.headings.clone(),
+                start_offset: chunk.start as u64,
+                end_offset: chunk.end as u64,
+                page_start: chunk.pages.0,
+                page_end: chunk.pages.1,
             })
             .collect();
         catalog.downstream.upsert(&ctx, &kb.id, points).await?;
@@ -388,6 +387,34 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         tracing::info!(document = %doc.id, chunks = count, "document indexed");
     }
     finish(catalog, job).await
+}
+
+/// The text embedded for `chunk`: the document's title and the chunk's heading path, each on a
+/// line of its own, then the chunk, leaving out what the chunk already starts with (a title
+/// taken from the text's first line, a section's own heading).
+fn embedded_text(title: &str, chunk: &Chunk) -> String {
+    let first_line = chunk.text.lines().next().unwrap_or("");
+    let mut headings = chunk.headings.as_slice();
+    if let Some((last, outer)) = headings.split_last()
+        && first_line.trim_start_matches('#').trim() == last
+    {
+        headings = outer;
+    }
+    let title = match title.trim().is_empty() || chunk.text.starts_with(title) {
+        true => "",
+        false => title,
+    };
+    let mut out = String::with_capacity(chunk.text.len() + title.len() + 64);
+    if !title.is_empty() {
+        out.push_str(title);
+        out.push('\n');
+    }
+    if !headings.is_empty() {
+        out.push_str(&headings.join(" > "));
+        out.push('\n');
+    }
+    out.push_str(&chunk.text);
+    out
 }
 
 /// Removes a document's chunks from the index, its original, and its row. Returns the number
@@ -442,6 +469,32 @@ async fn finish(catalog: &Catalog, job: &Job) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embedded_text_carries_title_and_heading_path_once() {
+        let chunk = |text: &str, headings: &[&str]| Chunk {
+            text: text.into(),
+            start: 0,
+            end: text.len(),
+            headings: headings.iter().map(|h| h.to_string()).collect(),
+            pages: (0, 0),
+        };
+        assert_eq!(
+            embedded_text("Guide", &chunk("Run it.", &["Install", "Linux"])),
+            "Guide\nInstall > Linux\nRun it."
+        );
+        // The section's own heading is already the chunk's first line.
+        assert_eq!(
+            embedded_text("Guide", &chunk("## Linux\nRun it.", &["Install", "Linux"])),
+            "Guide\nInstall\n## Linux\nRun it."
+        );
+        // A title taken from the first line is not repeated; no title, no headings: the chunk.
+        assert_eq!(
+            embedded_text("Run it.", &chunk("Run it. Then wait.", &[])),
+            "Run it. Then wait."
+        );
+        assert_eq!(embedded_text(" ", &chunk("Run it.", &[])), "Run it.");
+    }
 
     #[test]
     fn backoff_is_jittered_and_capped() {

@@ -21,8 +21,12 @@ use smartdb_kit::redis::{Redis, redis};
 
 use crate::search::SearchAnswer;
 
-/// Prefix of every key this cache writes to Redis; the number changes with the value layout.
+/// Prefix of the per-collection version counters. It never changes: replicas of two releases
+/// (a rolling upgrade) must count writes in the same keys.
 const REDIS_PREFIX: &str = "smartdb:search:v1:";
+/// Prefix of cached answers; the number changes with the answer's layout (v2: hits carry heading
+/// paths, byte offsets and pages), so an answer cached by an older release is never served.
+const ANSWER_PREFIX: &str = "smartdb:search:answer:v2:";
 
 /// A collection's version: local writes, and shared writes when Redis answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,7 +177,7 @@ impl QueryKey<'_> {
     fn shared(&self) -> Option<String> {
         self.version
             .shared
-            .map(|_| format!("{REDIS_PREFIX}answer:{}", hex::encode(self.digest(false))))
+            .map(|_| format!("{ANSWER_PREFIX}{}", hex::encode(self.digest(false))))
     }
 }
 
@@ -197,8 +201,9 @@ fn answer_bytes(answer: &SearchAnswer) -> u32 {
                 + p.text.len()
                 + p.title.len()
                 + p.source_name.len()
+                + p.heading_path.iter().map(|h| h.len() + 24).sum::<usize>()
                 + metadata
-                + 160
+                + 184
         })
         .sum();
     (hits + answer.embedding_model.len() + 128)

@@ -47,6 +47,11 @@ impl pb::search_service_server::SearchService for SearchGrpc {
                     title: hit.payload.title,
                     metadata: hit.payload.metadata.into_iter().collect(),
                     source_name: hit.payload.source_name,
+                    heading_path: hit.payload.heading_path,
+                    start_offset: hit.payload.start_offset,
+                    end_offset: hit.payload.end_offset,
+                    page_start: hit.payload.page_start,
+                    page_end: hit.payload.page_end,
                 })
                 .collect(),
             mode: answer.mode.to_proto() as i32,
@@ -148,7 +153,7 @@ impl pb::index_service_server::IndexService for IndexGrpc {
                 Ok(IndexPoint {
                     id: parse_uuid("points.id", &p.id)?,
                     vector: p.vector,
-                    sparse: self.analyzer.document(&p.title, &p.text),
+                    sparse: self.analyzer.document(&p.title, &p.heading_path, &p.text),
                     payload: ChunkPayload {
                         document_id: p.document_id,
                         chunk_index: p.chunk_index,
@@ -156,6 +161,11 @@ impl pb::index_service_server::IndexService for IndexGrpc {
                         title: p.title,
                         source_name: p.source_name,
                         metadata: p.metadata.into_iter().collect(),
+                        heading_path: p.heading_path,
+                        start_offset: p.start_offset,
+                        end_offset: p.end_offset,
+                        page_start: p.page_start,
+                        page_end: p.page_end,
                     },
                 })
             })

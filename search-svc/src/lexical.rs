@@ -59,16 +59,24 @@ impl Analyzer {
 
     /// The vector of a chunk: its document's title and its text (a chunk rarely repeats the
     /// title, which is often the best keyword match).
-    pub fn document(&self, title: &str, text: &str) -> SparseVector {
-        let joined;
+    pub fn document(&self, title: &str, headings: &[String], text: &str) -> SparseVector {
         // A title taken from the text's own first line is already there.
-        let text = if title.is_empty() || text.starts_with(title) {
-            text
-        } else {
-            joined = format!("{title}\n{text}");
-            &joined
+        let title = match title.is_empty() || text.starts_with(title) {
+            true => "",
+            false => title,
         };
-        convert(self.bm25.embed_document(text))
+        if title.is_empty() && headings.is_empty() {
+            return convert(self.bm25.embed_document(text));
+        }
+        let mut joined = String::with_capacity(title.len() + text.len() + 64);
+        for line in std::iter::once(title).chain(headings.iter().map(String::as_str)) {
+            if !line.is_empty() {
+                joined.push_str(line);
+                joined.push('\n');
+            }
+        }
+        joined.push_str(text);
+        convert(self.bm25.embed_document(&joined))
     }
 
     /// The vector of a query (each distinct term once; weights come from IDF).
@@ -105,7 +113,7 @@ mod tests {
     fn repeated_terms_weigh_more_but_saturate() {
         let analyzer = Analyzer::new(Bm25Settings::default()).unwrap();
         let weight = |text: &str| {
-            let v = analyzer.document("", text);
+            let v = analyzer.document("", &[], text);
             let id = analyzer.query("owl").indices[0];
             v.indices
                 .iter()
@@ -126,15 +134,25 @@ mod tests {
         let owl = analyzer.query("owls").indices[0];
         assert!(
             analyzer
-                .document("Owls", "They hunt at night.")
+                .document("Owls", &[], "They hunt at night.")
                 .indices
                 .contains(&owl)
         );
         assert!(
             !analyzer
-                .document("", "They hunt at night.")
+                .document("", &[], "They hunt at night.")
                 .indices
                 .contains(&owl)
         );
+    }
+
+    #[test]
+    fn heading_paths_count_as_text_too() {
+        let analyzer = Analyzer::new(Bm25Settings::default()).unwrap();
+        let owl = analyzer.query("owls").indices[0];
+        let night = analyzer.query("night").indices[0];
+        let v = analyzer.document("Birds", &["Owls".into()], "They hunt at night.");
+        assert!(v.indices.contains(&owl) && v.indices.contains(&night));
+        assert!(v.indices.contains(&analyzer.query("birds").indices[0]));
     }
 }

@@ -82,18 +82,23 @@ async fn real_documents_are_found_and_broken_ones_refused_by_name() {
     let cluster = Cluster::start().await;
     create_kb(&cluster, "formats").await;
 
-    // Good files: (name, declared type, detected type, title, sentences it holds).
-    let good = [
+    // Good files: (name, declared type, detected type, title, sentences it holds with the
+    // heading path and the page each is on).
+    type Sentence = (&'static str, &'static [&'static str], u32);
+    let good: [(&str, &str, &str, &str, &[Sentence]); 3] = [
         (
             "good.pdf",
             "",
             "application/pdf",
             "Glacier field notes",
             &[
-                "The Okjokull glacier lost its status in 2014",
-                // Page 2.
-                "Meltwater from the Vatnajokull ice cap feeds braided rivers",
-            ][..],
+                ("The Okjokull glacier lost its status in 2014", &[], 1),
+                (
+                    "Meltwater from the Vatnajokull ice cap feeds braided rivers",
+                    &[],
+                    2,
+                ),
+            ],
         ),
         (
             "good.docx",
@@ -101,17 +106,30 @@ async fn real_documents_are_found_and_broken_ones_refused_by_name() {
             DOCX,
             "Beekeeping handbook",
             &[
-                "A colony needs about twenty kilograms of capped honey",
+                (
+                    "A colony needs about twenty kilograms of capped honey",
+                    // The whole short document is one chunk, under the first heading.
+                    &["Hive inspection"],
+                    0,
+                ),
                 // A table cell.
-                "Varroa treatment oxalic acid trickle in December",
-            ][..],
+                (
+                    "Varroa treatment oxalic acid trickle in December",
+                    &["Hive inspection"],
+                    0,
+                ),
+            ],
         ),
         (
             "good.html",
             "",
             "text/html",
             "Sourdough starter care",
-            &["A starter kept in the refrigerator needs feeding only once a week"][..],
+            &[(
+                "A starter kept in the refrigerator needs feeding only once a week",
+                &["Sourdough starter care"],
+                0,
+            )],
         ),
     ];
     let mut stored = Vec::new();
@@ -130,13 +148,45 @@ async fn real_documents_are_found_and_broken_ones_refused_by_name() {
         stored.push(doc);
     }
     for ((name, _, _, _, sentences), doc) in good.iter().zip(&stored) {
-        for sentence in *sentences {
+        for (sentence, headings, page) in *sentences {
             let hit = top_hit(&cluster, sentence).await;
             assert_eq!(hit.document_id, doc.id, "{name}: {sentence:?} -> {hit:?}");
             let first_word = sentence.split_whitespace().nth(1).unwrap();
             assert!(hit.text.contains(first_word), "{name}: {hit:?}");
+            // Where the hit came from: the headings it sits under, its page, its byte range.
+            let path: Vec<&str> = hit.heading_path.iter().map(String::as_str).collect();
+            assert_eq!(path, *headings, "{name}: {hit:?}");
+            match page {
+                0 => assert_eq!((hit.page_start, hit.page_end), (0, 0), "{name}: {hit:?}"),
+                p => assert!(
+                    hit.page_start <= *p && *p <= hit.page_end,
+                    "{name}: {sentence:?} is on page {p}: {hit:?}"
+                ),
+            }
+            assert_eq!(
+                hit.end_offset - hit.start_offset,
+                hit.text.len() as u64,
+                "{name}: {hit:?}"
+            );
         }
     }
+
+    // Plain text and Markdown: the extracted text is the upload itself, so the byte range
+    // points into it exactly (here past multi-byte characters), and a chunk deep in a longer
+    // Markdown document sits under its section's headings.
+    let markdown = format!(
+        "# Café guide\n\n{}\n\n## Grinding\n\nA burr grinder gives an even grind for espresso.\n",
+        "Intro about café culture, coffee beans and where they grow. ".repeat(60)
+    );
+    let doc = upload(&cluster, "cafe.md", "text/markdown", markdown.as_bytes())
+        .await
+        .expect("markdown upload");
+    let hit = top_hit(&cluster, "burr grinder even grind espresso").await;
+    assert_eq!(hit.document_id, doc.id, "{hit:?}");
+    let range = hit.start_offset as usize..hit.end_offset as usize;
+    assert_eq!(&markdown[range], hit.text, "{hit:?}");
+    assert!(hit.start_offset > 0, "{hit:?}");
+    assert_eq!(hit.heading_path, ["Café guide", "Grinding"], "{hit:?}");
     // The HTML page's scripts, styles and navigation were not indexed.
     let hit = top_hit(&cluster, "analytics tracking snippet Home Recipes").await;
     for gone in ["tracking", "Recipes", "display: flex"] {
@@ -229,12 +279,13 @@ async fn real_documents_are_found_and_broken_ones_refused_by_name() {
         .expect("list")
         .into_inner()
         .documents;
-    assert_eq!(listed.len(), 4, "{listed:?}");
+    // The three good files, the Markdown one and the image-only PDF (FAILED).
+    assert_eq!(listed.len(), 5, "{listed:?}");
     for doc in &stored {
         let now = get_document(&cluster, "formats", &doc.id).await.unwrap();
         assert_eq!(now.status, pb::DocumentStatus::Indexed as i32);
         assert_eq!(now.sha256, doc.sha256);
     }
-    let hit = top_hit(&cluster, good[0].4[0]).await;
+    let hit = top_hit(&cluster, good[0].4[0].0).await;
     assert_eq!(hit.document_id, stored[0].id);
 }

@@ -248,18 +248,27 @@ pub struct Extracted {
     pub text: String,
     /// How to split it: [`ContentType::Plain`] or [`ContentType::Markdown`].
     pub split_as: ContentType,
+    /// Byte offset in `text` where each page begins (PDF); empty for formats without pages.
+    pub page_starts: Vec<usize>,
 }
 
 /// Extracts the text of a stored original of type `content_type`.
 pub fn extract(content_type: ContentType, bytes: &[u8], limits: &Limits) -> Result<Extracted> {
     let invalid = |m: String| Error::invalid("data", m);
     let max_text = limits.text_bytes();
+    let mut page_starts = Vec::new();
     let (text, split_as) = match content_type {
         ContentType::Plain | ContentType::Markdown => (text(bytes)?, content_type),
         ContentType::Html => (html::to_markdown(&text(bytes)?), ContentType::Markdown),
         ContentType::Pdf => {
             let pdf = pdf::extract(bytes, limits.pdf_pages, max_text).map_err(invalid)?;
-            (pdf.pages.join("\n\n"), ContentType::Plain)
+            const PAGE_BREAK: &str = "\n\n";
+            let mut at = 0;
+            for page in &pdf.pages {
+                page_starts.push(at);
+                at += page.len() + PAGE_BREAK.len();
+            }
+            (pdf.pages.join(PAGE_BREAK), ContentType::Plain)
         }
         ContentType::Docx => (
             docx::extract(bytes, docx_bounds(limits))
@@ -277,7 +286,11 @@ pub fn extract(content_type: ContentType, bytes: &[u8], limits: &Limits) -> Resu
     if text.trim().is_empty() {
         return Err(invalid("the document has no text to index".into()));
     }
-    Ok(Extracted { text, split_as })
+    Ok(Extracted {
+        text,
+        split_as,
+        page_starts,
+    })
 }
 
 /// The text of a stored original that is UTF-8 text.
@@ -469,6 +482,30 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("no text"), "{err}");
+    }
+
+    #[test]
+    fn pdf_pages_are_located_in_the_extracted_text() {
+        // A real two-page PDF written by fpdf2 (tests/data/formats/make.py).
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/formats/good.pdf"
+        );
+        let got = extract(
+            ContentType::Pdf,
+            &std::fs::read(path).unwrap(),
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(got.page_starts.len(), 2, "{got:?}");
+        assert_eq!(got.page_starts[0], 0);
+        assert!(got.text.starts_with("Glacier field notes"), "{got:?}");
+        assert!(
+            got.text[got.page_starts[1]..].starts_with("Meltwater"),
+            "{got:?}"
+        );
+        let plain = extract(ContentType::Plain, b"no pages", &Limits::default()).unwrap();
+        assert!(plain.page_starts.is_empty());
     }
 
     #[test]

@@ -82,7 +82,7 @@ fn text_chunk(document_id: &str, text: &str, metadata: &[(&str, &str)]) -> Index
     let mut point = chunk(document_id, 0, [0.5, 0.5, 0.5, 0.5], metadata);
     point.payload.text = text.into();
     point.payload.title = String::new();
-    point.sparse = analyzer().document("", text);
+    point.sparse = analyzer().document("", &[], text);
     point
 }
 
@@ -134,6 +134,10 @@ async fn create(index: &dyn VectorIndex) -> CollectionInfo {
     info
 }
 
+fn text_len(document_id: &str, chunk_index: u32) -> u64 {
+    format!("text of {document_id}/{chunk_index}").len() as u64
+}
+
 /// A chunk of `document_id` with the given vector and metadata.
 fn chunk(
     document_id: &str,
@@ -143,10 +147,16 @@ fn chunk(
 ) -> IndexPoint {
     let text = format!("text of {document_id}/{chunk_index}");
     let title = format!("title of {document_id}");
+    // Only some chunks sit under a heading: both kinds of payload must round-trip.
+    let heading_path = match chunk_index {
+        0 => Vec::new(),
+        _ => vec!["Part".to_owned(), format!("Section {chunk_index}")],
+    };
+    let start_offset = u64::from(chunk_index) * 100;
     IndexPoint {
         id: point_id(document_id, chunk_index),
         vector: vector.to_vec(),
-        sparse: analyzer().document(&title, &text),
+        sparse: analyzer().document(&title, &heading_path, &text),
         payload: ChunkPayload {
             document_id: document_id.into(),
             chunk_index,
@@ -157,6 +167,11 @@ fn chunk(
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            heading_path,
+            start_offset,
+            end_offset: start_offset + text_len(document_id, chunk_index),
+            page_start: chunk_index + 1,
+            page_end: chunk_index + 2,
         },
     }
 }

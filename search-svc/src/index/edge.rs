@@ -37,9 +37,10 @@ use qdrant_edge::{
     EdgeOptimizersConfig, EdgeShard, EdgeSparseVectorParamsBuilder, EdgeVectorParamsBuilder,
     FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, Modifier, NamedQuery, Nested,
     NestedCondition, OperationError, PayloadFieldSchema, PayloadSchemaType, PointId,
-    PointInsertOperations, PointOperations, PointStruct, QueryEnum, QueryRequest, Range,
-    ScoredPoint, ScoringQuery, ScrollRequest, UpdateOperation, Vector, VectorInternal,
-    VectorStructInternal, Vectors, WalOptions, WithPayloadInterface, WithVector,
+    PointInsertOperations, PointOperations, PointStruct, QuantizationSearchParams, QueryEnum,
+    QueryRequest, Range, ScalarQuantizationConfig, ScalarType, ScoredPoint, ScoringQuery,
+    ScrollRequest, SearchParams, UpdateOperation, Vector, VectorInternal, VectorStructInternal,
+    Vectors, WalOptions, WithPayloadInterface, WithVector,
 };
 use uuid::Uuid;
 
@@ -74,6 +75,22 @@ const COLLECTIONS_DIR: &str = "collections";
 const LOCK_FILE: &str = ".lock";
 pub(super) const MAX_ID_LEN: usize = 128;
 
+/// Search parameters of every query. In compact collections the graph is walked on int8
+/// vectors; twice the candidates are then rescored with the full vectors, so the order and the
+/// scores (which `min_score` compares) are exact cosines, as in-RAM collections give them.
+/// Collections without quantization ignore this.
+const SEARCH_PARAMS: SearchParams = SearchParams {
+    hnsw_ef: None,
+    exact: false,
+    quantization: Some(QuantizationSearchParams {
+        ignore: false,
+        rescore: Some(true),
+        oversampling: Some(2.0),
+    }),
+    indexed_only: false,
+    acorn: None,
+};
+
 /// Knobs for new collections; tests shrink them to exercise optimization on little data.
 #[derive(Clone, Debug)]
 struct Tuning {
@@ -84,6 +101,24 @@ struct Tuning {
     indexing_threshold_kb: Option<usize>,
     /// Points written (upserted or deleted) to a collection before optimization is considered.
     optimize_every_points: usize,
+    /// Storage layout of new collections.
+    layout: Layout,
+}
+
+/// Where a new collection keeps its data. A shard keeps the layout it was created with (qdrant-edge
+/// persists its config), so changing this never touches existing collections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// Full-precision dense vectors in RAM: every collection created before `Compact` existed.
+    /// About 2.8x the raw dense bytes at 100k chunks. Only tests create it now, to prove such
+    /// collections keep working.
+    #[cfg_attr(not(test), allow(dead_code))]
+    InRam,
+    /// Full-precision dense vectors memory-mapped from disk; their int8 copies, the HNSW graph
+    /// and the sparse index stay in RAM (payloads are on disk in both layouts). Search walks the
+    /// graph on the int8 copies and rescores the best candidates with the full vectors, so only
+    /// those few pages are read from disk.
+    Compact,
 }
 
 impl Default for Tuning {
@@ -92,6 +127,7 @@ impl Default for Tuning {
             wal_segment_bytes: 2 << 20,
             indexing_threshold_kb: None,
             optimize_every_points: 1_000,
+            layout: Layout::Compact,
         }
     }
 }
@@ -483,7 +519,7 @@ impl Inner {
             score_threshold: query.min_score.map(ordered_float::OrderedFloat),
             limit: query.limit,
             offset: 0,
-            params: None,
+            params: Some(SEARCH_PARAMS),
             with_vector: WithVector::Bool(false),
             with_payload: WithPayloadInterface::Bool(true),
         };
@@ -682,11 +718,21 @@ fn to_scored_chunk(point: ScoredPoint) -> Result<ScoredChunk> {
 /// The shard configuration of a collection (version 2): a dense vector compared by cosine, and
 /// a BM25 sparse vector to which the engine applies the collection's IDF.
 fn edge_config(tuning: &Tuning, dimension: usize) -> EdgeConfig {
+    let mut dense = EdgeVectorParamsBuilder::new(dimension, Distance::Cosine);
+    let compact = tuning.layout == Layout::Compact;
+    if compact {
+        dense = dense.on_disk(true).quantization_config(
+            ScalarQuantizationConfig {
+                r#type: ScalarType::Int8,
+                // Clipping the outer 1% keeps int8's resolution for the bulk of the values.
+                quantile: Some(0.99),
+                always_ram: Some(true),
+            }
+            .into(),
+        );
+    }
     EdgeConfigBuilder::new()
-        .vector(
-            DENSE,
-            EdgeVectorParamsBuilder::new(dimension, Distance::Cosine).build(),
-        )
+        .vector(DENSE, dense.build())
         .sparse_vector(
             SPARSE,
             EdgeSparseVectorParamsBuilder::new()
@@ -778,7 +824,8 @@ fn migrate_v1(
                     }
                     None => ChunkPayload::default(),
                 };
-                let sparse = analyzer.document(&payload.title, &payload.text);
+                let sparse =
+                    analyzer.document(&payload.title, &payload.heading_path, &payload.text);
                 points.push(to_edge_point(IndexPoint {
                     id,
                     vector,
@@ -1355,6 +1402,52 @@ mod tests {
         );
     }
 
+    /// Collections created before the compact layout keep theirs (qdrant-edge persists each
+    /// shard's config) and keep working next to new, compact ones.
+    #[tokio::test]
+    async fn in_ram_collections_keep_their_layout_next_to_compact_ones() {
+        const DIM: usize = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let old = sample_info(DIM as u32);
+        {
+            let tuning = Tuning {
+                layout: Layout::InRam,
+                ..Tuning::default()
+            };
+            let index = EdgeIndex::open_tuned(dir.path(), tuning, analyzer()).unwrap();
+            index.create_collection(old.clone()).await.unwrap();
+            index
+                .upsert(&old.id, points("doc", 0..50, DIM))
+                .await
+                .unwrap();
+        }
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
+        let new = CollectionInfo {
+            id: "compact".into(),
+            name: "compact".into(),
+            ..sample_info(DIM as u32)
+        };
+        index.create_collection(new.clone()).await.unwrap();
+        index
+            .upsert(&new.id, points("doc", 0..50, DIM))
+            .await
+            .unwrap();
+        for (info, on_disk) in [(&old, false), (&new, true)] {
+            let shard = index.inner.shard(&info.id).unwrap();
+            let config = shard.read(&info.id, |e| Ok(e.config().clone())).unwrap();
+            let dense = &config.vectors[DENSE];
+            assert_eq!(dense.on_disk.unwrap_or(false), on_disk, "{config:?}");
+            assert_eq!(dense.quantization_config.is_some(), on_disk, "{config:?}");
+            assert_eq!(index.count(&info.id).await.unwrap(), 50);
+            let hits = index
+                .search(&info.id, nearest(&vector(17, DIM)))
+                .await
+                .unwrap();
+            assert_eq!(hits[0].id, point_id("doc", 17));
+            assert_eq!(hits[0].payload.chunk_index, 17);
+        }
+    }
+
     /// An index written by the previous release (registry version 1, dense vectors only; made by
     /// `smartdb serve search` of that release through IndexService) opens: its collection is
     /// migrated to version 2, keeps every point and payload, and gains the lexical leg.
@@ -1385,6 +1478,13 @@ mod tests {
             .unwrap();
         assert_eq!(hits[0].payload.text, "Bats navigate by echolocation.");
         assert_eq!(hits[0].payload.metadata["kind"], "mammal");
+        // Payloads of that release have no heading path, byte range or pages: they read as unknown.
+        let p = &hits[0].payload;
+        assert!(p.heading_path.is_empty());
+        assert_eq!(
+            (p.start_offset, p.end_offset, p.page_start, p.page_end),
+            (0, 0, 0, 0)
+        );
         // Lexical, from the stored title and text (the title "Owls" counts too).
         let lexical = |q: &str, filter: SearchFilter| LegQuery {
             vector: QueryVector::Sparse(analyzer().query(q)),

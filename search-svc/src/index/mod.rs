@@ -35,6 +35,18 @@ pub struct ChunkPayload {
     pub source_name: String,
     /// Caller-defined key/value pairs; searches can filter on them.
     pub metadata: BTreeMap<String, String>,
+    /// Headings the chunk sits under, outermost first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub heading_path: Vec<String>,
+    /// Byte range of the chunk in the document's extracted text; (0, 0) for chunks stored
+    /// before ranges were recorded (the fields are absent from their payloads).
+    pub start_offset: u64,
+    /// End of that byte range (exclusive).
+    pub end_offset: u64,
+    /// First and last page of the chunk (PDF); 0 without pages.
+    pub page_start: u32,
+    /// Last page of the chunk.
+    pub page_end: u32,
 }
 
 /// A sparse vector: term ids with their weights (BM25 term-frequency parts; the engine applies

@@ -1290,6 +1290,7 @@ mod tests {
                     ("published".to_owned(), "2021-06-15T12:00:00Z".to_owned()),
                 ]
                 .into(),
+                ..ChunkPayload::default()
             },
         }
     }
