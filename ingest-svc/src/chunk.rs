@@ -109,11 +109,12 @@ impl Chunker {
             }
         };
         let headings = if markdown { headings(text) } else { Vec::new() };
-        let chunk = |start: usize, piece: &str| Chunk {
+        let mut paths = Paths::new(&headings);
+        let mut chunk = |start: usize, piece: &str| Chunk {
             text: piece.to_owned(),
             start,
             end: start + piece.len(),
-            headings: path_at(&headings, start),
+            headings: paths.at(start),
             pages: pages_of(page_starts, start, start + piece.len()),
         };
         let mut out = Vec::with_capacity(pieces.len());
@@ -164,15 +165,38 @@ fn headings(text: &str) -> Vec<(usize, usize, String)> {
     out
 }
 
-/// The heading path in effect at byte `offset`: the last heading of each level before it, cut
-/// back whenever a heading of a higher level starts a new section.
-fn path_at(headings: &[(usize, usize, String)], offset: usize) -> Vec<String> {
-    let mut path: Vec<(usize, &str)> = Vec::new();
-    for (_, level, title) in headings.iter().take_while(|(at, _, _)| *at <= offset) {
-        path.retain(|(l, _)| l < level);
-        path.push((*level, title));
+/// Heading paths of increasing offsets, walking the headings once: chunks come in order, and a
+/// document may have hundreds of thousands of headings (hostile input included).
+struct Paths<'a> {
+    headings: &'a [(usize, usize, String)],
+    next: usize,
+    path: Vec<(usize, &'a str)>,
+}
+
+impl<'a> Paths<'a> {
+    fn new(headings: &'a [(usize, usize, String)]) -> Self {
+        Self {
+            headings,
+            next: 0,
+            path: Vec::new(),
+        }
     }
-    path.into_iter().map(|(_, t)| t.to_owned()).collect()
+
+    /// The heading path in effect at byte `offset` (not below an earlier call's): the last
+    /// heading of each level before it, cut back whenever a higher-level heading starts a new
+    /// section.
+    fn at(&mut self, offset: usize) -> Vec<String> {
+        while let Some((at, level, title)) = self.headings.get(self.next)
+            && *at <= offset
+        {
+            while self.path.last().is_some_and(|(l, _)| l >= level) {
+                self.path.pop();
+            }
+            self.path.push((*level, title));
+            self.next += 1;
+        }
+        self.path.iter().map(|(_, t)| (*t).to_owned()).collect()
+    }
 }
 
 /// First and last page (from 1) of the bytes `start..end`; (0, 0) without pages.
