@@ -44,28 +44,14 @@ async fn upload(
     name: &str,
     bytes: &[u8],
 ) -> Result<pb::UploadDocumentResponse, tonic::Status> {
-    let mut messages = vec![pb::UploadDocumentRequest {
-        payload: Some(pb::upload_document_request::Payload::Header(
-            pb::DocumentHeader {
-                knowledge_base: kb.to_owned(),
-                source_name: name.to_owned(),
-                wait: true,
-                ..Default::default()
-            },
-        )),
-    }];
+    let header = pb::DocumentHeader {
+        knowledge_base: kb.to_owned(),
+        source_name: name.to_owned(),
+        wait: true,
+        ..Default::default()
+    };
     // Split into several messages to exercise the stream.
-    for piece in bytes.chunks(64) {
-        messages.push(pb::UploadDocumentRequest {
-            payload: Some(pb::upload_document_request::Payload::Data(piece.to_vec())),
-        });
-    }
-    cluster
-        .docs()
-        .await
-        .upload_document(tokio_stream::iter(messages))
-        .await
-        .map(|r| r.into_inner())
+    common::upload(cluster, header, bytes, 64).await
 }
 
 /// Generates Python stubs from `proto/` with grpcio-tools and runs `tests/python/client.py`.

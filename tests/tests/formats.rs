@@ -37,28 +37,16 @@ async fn upload(
     content_type: &str,
     bytes: &[u8],
 ) -> Result<pb::Document, tonic::Status> {
-    let mut messages = vec![pb::UploadDocumentRequest {
-        payload: Some(pb::upload_document_request::Payload::Header(
-            pb::DocumentHeader {
-                knowledge_base: "formats".into(),
-                source_name: name.into(),
-                content_type: content_type.into(),
-                wait: true,
-                ..Default::default()
-            },
-        )),
-    }];
-    for piece in bytes.chunks(1 << 20) {
-        messages.push(pb::UploadDocumentRequest {
-            payload: Some(pb::upload_document_request::Payload::Data(piece.to_vec())),
-        });
-    }
-    cluster
-        .docs()
+    let header = pb::DocumentHeader {
+        knowledge_base: "formats".into(),
+        source_name: name.into(),
+        content_type: content_type.into(),
+        wait: true,
+        ..Default::default()
+    };
+    common::upload(cluster, header, bytes, 1 << 20)
         .await
-        .upload_document(tokio_stream::iter(messages))
-        .await
-        .map(|r| r.into_inner().document.expect("document"))
+        .map(|r| r.document.expect("document"))
 }
 
 async fn top_hit(cluster: &Cluster, query: &str) -> pb::SearchHit {

@@ -240,6 +240,30 @@ pub fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 
+/// Uploads `bytes` through the gateway's streaming `UploadDocument`: `header` first, then the
+/// bytes in messages of `piece` bytes.
+pub async fn upload(
+    cluster: &Cluster,
+    header: pb::DocumentHeader,
+    bytes: &[u8],
+    piece: usize,
+) -> Result<pb::UploadDocumentResponse, tonic::Status> {
+    let mut messages = vec![pb::UploadDocumentRequest {
+        payload: Some(pb::upload_document_request::Payload::Header(header)),
+    }];
+    for piece in bytes.chunks(piece) {
+        messages.push(pb::UploadDocumentRequest {
+            payload: Some(pb::upload_document_request::Payload::Data(piece.to_vec())),
+        });
+    }
+    cluster
+        .docs()
+        .await
+        .upload_document(tokio_stream::iter(messages))
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Creates knowledge base `name` through the gateway.
 pub async fn create_kb(cluster: &Cluster, name: &str) -> pb::KnowledgeBase {
     cluster
