@@ -46,6 +46,10 @@ pub struct IngestArgs {
     /// Return once uploaded, without waiting for indexing.
     #[arg(long)]
     no_wait: bool,
+    /// Name each document by its path (its source id), so that ingesting a changed file again
+    /// replaces the version indexed before instead of adding another document.
+    #[arg(long)]
+    replace: bool,
 }
 
 /// `smartdb search …`
@@ -177,6 +181,7 @@ async fn upload(
     client: &mut pb::document_service_client::DocumentServiceClient<Channel>,
     kb: &str,
     path: &Path,
+    replace: bool,
 ) -> Result<pb::UploadDocumentResponse, tonic::Status> {
     let bytes = std::fs::read(path)
         .map_err(|e| tonic::Status::invalid_argument(format!("{}: {e}", path.display())))?;
@@ -186,6 +191,10 @@ async fn upload(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
+        source_id: match replace {
+            true => path.to_string_lossy().into_owned(),
+            false => String::new(),
+        },
         ..Default::default()
     };
     let mut messages = vec![pb::UploadDocumentRequest {
@@ -218,7 +227,7 @@ pub async fn ingest(addr: &str, args: IngestArgs) -> anyhow::Result<()> {
     let (mut accepted, mut failed) = (Vec::new(), 0usize);
     for path in &files {
         bar.set_message(path.display().to_string());
-        match upload(&mut client, &args.kb, path).await {
+        match upload(&mut client, &args.kb, path, args.replace).await {
             Ok(r) => {
                 let doc = r.document.unwrap_or_default();
                 if r.deduplicated {

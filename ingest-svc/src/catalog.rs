@@ -45,6 +45,8 @@ pub struct NewDocument {
     pub title: String,
     /// File name, may be empty.
     pub source_name: String,
+    /// Source whose older versions this one replaces, may be empty.
+    pub source_id: String,
     /// User metadata.
     pub metadata: BTreeMap<String, String>,
     /// The caller's word on plain text vs Markdown.
@@ -88,6 +90,8 @@ pub struct Catalog {
     /// Wakes the workers when a job is added.
     pub(crate) jobs_added: Arc<Notify>,
     pub(crate) jobs: JobSettings,
+    /// Held while a version of a source is published (see `worker::publish`).
+    pub(crate) publishing: tokio::sync::Mutex<()>,
     limits: Arc<Limits>,
     uploads: Arc<Semaphore>,
 }
@@ -107,6 +111,7 @@ impl Catalog {
             downstream,
             jobs_added: Arc::new(Notify::new()),
             jobs,
+            publishing: tokio::sync::Mutex::new(()),
             uploads: Arc::new(Semaphore::new(limits.concurrent_uploads.max(1))),
             limits: Arc::new(limits),
         }
@@ -298,6 +303,15 @@ impl Catalog {
             .map_err(|m| Error::invalid(field("title"), m))?;
         limits::check_len(&new.source_name, self.limits.source_name_bytes)
             .map_err(|m| Error::invalid(field("source_name"), m))?;
+        // A source id names a source; one that is only spaces would name nothing visibly.
+        if !new.source_id.is_empty() && new.source_id.trim().is_empty() {
+            return Err(Error::invalid(
+                field("source_id"),
+                "must not be only whitespace (leave it empty for none)",
+            ));
+        }
+        limits::check_len(&new.source_id, self.limits.source_name_bytes)
+            .map_err(|m| Error::invalid(field("source_id"), m))?;
         self.limits
             .check_metadata(new.metadata.iter())
             .map_err(|(f, m)| Error::invalid(new.arrival.field(&f), m))?;
@@ -385,6 +399,7 @@ impl Catalog {
             attempts: 0,
             create_time: now,
             update_time: now,
+            source_id: new.source_id,
         };
         // The original is in place before the row that points at it is committed.
         writer.commit(&doc.id).await?;
@@ -631,6 +646,7 @@ fn doc_size(doc: &Document) -> usize {
         .sum();
     doc.title.len()
         + doc.source_name.len()
+        + doc.source_id.len()
         + doc.error.len()
         + doc.content_type.len()
         + metadata
@@ -737,6 +753,7 @@ mod tests {
             attempts: 0,
             create_time: 0,
             update_time: 0,
+            source_id: "i".repeat(limits.source_name_bytes),
         };
         assert!(doc_size(&doc) <= limits.document_record_bytes());
         let mut page = vec![doc; limits.max_page_size + 1];

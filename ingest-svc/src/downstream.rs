@@ -26,6 +26,7 @@ const CREATE_COLLECTION: Rpc = Rpc::idempotent("CreateCollection");
 const DELETE_COLLECTION: Rpc = Rpc::idempotent("DeleteCollection");
 const UPSERT_POINTS: Rpc = Rpc::idempotent("UpsertPoints");
 const DELETE_POINTS: Rpc = Rpc::idempotent("DeletePoints");
+const UPDATE_HIDDEN: Rpc = Rpc::idempotent("UpdateHiddenDocuments");
 
 /// Clients of embed-svc and search-svc, through the shared client stack (balancing, breakers,
 /// retries, deadlines).
@@ -243,6 +244,31 @@ impl Downstream {
                 .await
                 .map_err(|s| Error::from_downstream("search-svc", s))?;
         }
+        Ok(())
+    }
+
+    /// Hides and shows documents in searches, in one atomic step (see `UpdateHiddenDocuments`).
+    pub async fn update_hidden(
+        &self,
+        ctx: &CallContext,
+        kb_id: &str,
+        hide: Vec<String>,
+        show: Vec<String>,
+    ) -> Result<()> {
+        let max = self.index.max_message_bytes();
+        let request = pb::UpdateHiddenDocumentsRequest {
+            knowledge_base_id: kb_id.to_owned(),
+            hide_document_ids: hide,
+            show_document_ids: show,
+        };
+        self.index
+            .call(ctx, UPDATE_HIDDEN, request, move |ch, req| async move {
+                Self::index_client(ch, max)
+                    .update_hidden_documents(req)
+                    .await
+            })
+            .await
+            .map_err(|s| Error::from_downstream("search-svc", s))?;
         Ok(())
     }
 }

@@ -46,6 +46,7 @@ fn doc_to_pb(kb_name: &str, doc: Document) -> pb::Document {
         create_time: Some(timestamp(doc.create_time)),
         update_time: Some(timestamp(doc.update_time)),
         attempts: doc.attempts,
+        source_id: doc.source_id,
     }
 }
 
@@ -183,6 +184,7 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
                     knowledge_base: header.knowledge_base,
                     title: header.title,
                     source_name: header.source_name,
+                    source_id: header.source_id,
                     metadata: header.metadata.into_iter().collect(),
                     format: declared,
                     arrival: Arrival::File,
@@ -253,6 +255,7 @@ impl pb::document_service_server::DocumentService for CatalogGrpc {
                     knowledge_base: r.knowledge_base.clone(),
                     title: r.title,
                     source_name: String::new(),
+                    source_id: r.source_id,
                     metadata: r.metadata.into_iter().collect(),
                     format,
                     arrival: Arrival::Text,

@@ -118,6 +118,16 @@ pub struct Document {
     pub create_time: i64,
     /// Unix milliseconds.
     pub update_time: i64,
+    /// Caller's name for the document's source (path, URL); versions of one source replace
+    /// each other. Empty if none was given.
+    pub source_id: String,
+}
+
+impl Document {
+    /// True if it was accepted after `other` (ids are UUIDv7s, so they break ties in order).
+    pub fn is_newer_than(&self, other: &Document) -> bool {
+        (self.create_time, &self.id) > (other.create_time, &other.id)
+    }
 }
 
 /// What a job asks a worker to do.
@@ -232,6 +242,13 @@ CREATE INDEX documents_by_kb ON documents (kb_id, id);
 ALTER TABLE jobs ADD COLUMN outages INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 3: documents may name their source (`source_id`); a new version of a source
+/// replaces the older ones once it is indexed. Existing documents have none.
+const SCHEMA_V3: &str = "
+ALTER TABLE documents ADD COLUMN source_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX documents_by_source ON documents (kb_id, source_id) WHERE source_id != '';
+";
+
 /// The catalog's migrations, oldest first; the database's `user_version` says how many ran.
 /// Append, never edit: a released database has run the ones before.
 pub fn migrations() -> rusqlite_migration::Migrations<'static> {
@@ -239,6 +256,7 @@ pub fn migrations() -> rusqlite_migration::Migrations<'static> {
     rusqlite_migration::Migrations::new(vec![
         M::up(SCHEMA_V1),
         M::up(SCHEMA_V2).foreign_key_check(),
+        M::up(SCHEMA_V3),
     ])
 }
 
@@ -442,7 +460,7 @@ pub fn delete_kb(conn: &mut Connection, id: &str) -> Result<Vec<String>> {
 
 const DOC_COLUMNS: &str =
     "id, kb_id, title, source_name, content_type, size_bytes, sha256, status, error,
-    chunk_count, max_chunk_count, metadata, attempts, create_time, update_time";
+    chunk_count, max_chunk_count, metadata, attempts, create_time, update_time, source_id";
 
 fn doc_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Document> {
     let metadata: String = row.get(11)?;
@@ -462,6 +480,7 @@ fn doc_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Document> {
         attempts: row.get(12)?,
         create_time: row.get(13)?,
         update_time: row.get(14)?,
+        source_id: row.get(15)?,
     })
 }
 
@@ -538,7 +557,7 @@ pub fn insert_doc(conn: &mut Connection, doc: &Document) -> Result<Inserted> {
     let metadata =
         serde_json::to_string(&doc.metadata).map_err(|e| Error::Internal(e.to_string()))?;
     tx.execute(
-        &format!("INSERT INTO documents ({DOC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+        &format!("INSERT INTO documents ({DOC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
         params![
             doc.id,
             doc.kb_id,
@@ -554,7 +573,8 @@ pub fn insert_doc(conn: &mut Connection, doc: &Document) -> Result<Inserted> {
             metadata,
             doc.attempts,
             doc.create_time,
-            doc.update_time
+            doc.update_time,
+            doc.source_id
         ],
     )?;
     tx.execute(
@@ -638,7 +658,12 @@ pub fn set_chunk_count(conn: &Connection, id: &str, chunks: u32) -> Result<bool>
 /// Marks a document DELETING and turns its job into a delete job (keeping any running lease).
 pub fn mark_deleting(conn: &mut Connection, id: &str) -> Result<()> {
     let tx = conn.transaction()?;
-    let now = now_ms();
+    mark_deleting_in(&tx, id, now_ms())?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn mark_deleting_in(tx: &rusqlite::Transaction<'_>, id: &str, now: i64) -> Result<()> {
     tx.execute(
         "UPDATE documents SET status = ?2, update_time = ?3 WHERE id = ?1",
         params![id, Status::Deleting as i32, now],
@@ -648,8 +673,43 @@ pub fn mark_deleting(conn: &mut Connection, id: &str) -> Result<()> {
          ON CONFLICT (document_id) DO UPDATE SET kind = 'delete', not_before = 0, attempts = 0, outages = 0",
         params![id, now],
     )?;
-    tx.commit()?;
     Ok(())
+}
+
+/// The other versions of a document's source in its knowledge base (not being deleted).
+pub fn other_versions(conn: &Connection, doc: &Document) -> Result<Vec<Document>> {
+    if doc.source_id.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {DOC_COLUMNS} FROM documents
+         WHERE kb_id = ?1 AND source_id = ?2 AND id != ?3 AND status != ?4 AND source_id != ''"
+    ))?;
+    let rows = stmt.query_map(
+        params![doc.kb_id, doc.source_id, doc.id, Status::Deleting as i32],
+        doc_from_row,
+    )?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Records a published version in one transaction: it is INDEXED, and the versions it
+/// replaced are DELETING, each with a delete job. False (nothing changed) if the document is
+/// gone or being deleted.
+pub fn publish_version(conn: &mut Connection, id: &str, replaced: &[String]) -> Result<bool> {
+    let tx = conn.transaction()?;
+    let now = now_ms();
+    let n = tx.execute(
+        "UPDATE documents SET status = ?2, error = '', update_time = ?3 WHERE id = ?1 AND status != ?4",
+        params![id, Status::Indexed as i32, now, Status::Deleting as i32],
+    )?;
+    if n == 0 {
+        return Ok(false);
+    }
+    for old in replaced {
+        mark_deleting_in(&tx, old, now)?;
+    }
+    tx.commit()?;
+    Ok(true)
 }
 
 /// Removes a document row (and its job) for good.
@@ -907,6 +967,7 @@ mod tests {
             attempts: 0,
             create_time: now_ms(),
             update_time: now_ms(),
+            source_id: String::new(),
         }
     }
 
@@ -1178,12 +1239,17 @@ mod tests {
             .unwrap()
             .into_inner()
             .unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 2);
+        assert_eq!(schema_version(&conn).unwrap(), 3);
         let kb = find_kb(&conn, "default", "notes").unwrap().unwrap();
         assert!(kb.ready);
         assert_eq!(kb.document_count, 1);
         let d = doc_by_id(&conn, "d1").unwrap().unwrap();
         assert_eq!(d.metadata["k"], "v");
+        assert_eq!(
+            d.source_id, "",
+            "documents of older releases name no source"
+        );
+        assert!(other_versions(&conn, &d).unwrap().is_empty());
         // The job survived the table rebuild (no cascade) and still runs.
         let job = claim_job(&mut conn, 1000, MAX, None).unwrap().unwrap();
         assert_eq!(job.document_id, "d1");
@@ -1191,6 +1257,63 @@ mod tests {
         drop(conn);
         let again = Store::open(&path).unwrap();
         let conn = again.conn.lock().unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 2);
+        assert_eq!(schema_version(&conn).unwrap(), 3);
+    }
+
+    #[test]
+    fn publishing_a_version_retires_the_older_ones_of_its_source_only() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&mut conn, &k);
+        let versioned = |sha: &str, source: &str| {
+            let mut d = doc(&k.id, sha);
+            d.source_id = source.into();
+            d
+        };
+        let (v1, v2, other, plain) = (
+            versioned("1", "guide.md"),
+            versioned("2", "guide.md"),
+            versioned("3", "faq.md"),
+            doc(&k.id, "4"),
+        );
+        for d in [&v1, &v2, &other, &plain] {
+            insert_doc(&mut conn, d).unwrap();
+        }
+        assert!(v2.is_newer_than(&v1) && !v1.is_newer_than(&v2));
+        let ids = |docs: Vec<Document>| docs.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        assert_eq!(ids(other_versions(&conn, &v2).unwrap()), [v1.id.as_str()]);
+        assert_eq!(ids(other_versions(&conn, &v1).unwrap()), [v2.id.as_str()]);
+        assert!(other_versions(&conn, &other).unwrap().is_empty());
+        assert!(other_versions(&conn, &plain).unwrap().is_empty());
+
+        assert!(publish_version(&mut conn, &v2.id, std::slice::from_ref(&v1.id)).unwrap());
+        assert_eq!(
+            doc_by_id(&conn, &v2.id).unwrap().unwrap().status,
+            Status::Indexed
+        );
+        assert_eq!(
+            doc_by_id(&conn, &v1.id).unwrap().unwrap().status,
+            Status::Deleting
+        );
+        // v1's index job became a delete job; the others are untouched.
+        expire_leases(&conn);
+        let mut kinds = Vec::new();
+        while let Some(job) = claim_job(&mut conn, 1000, MAX, None).unwrap() {
+            kinds.push((job.document_id.clone(), job.kind));
+            complete_job(&conn, &job).unwrap();
+        }
+        assert!(
+            kinds.contains(&(v1.id.clone(), JobKind::Delete)),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds.contains(&(other.id.clone(), JobKind::Index)),
+            "{kinds:?}"
+        );
+        // A version being deleted is not another version any more, and cannot be published.
+        assert!(other_versions(&conn, &v2).unwrap().is_empty());
+        assert!(!publish_version(&mut conn, &v1.id, &[]).unwrap());
+        // Publishing again is harmless.
+        assert!(publish_version(&mut conn, &v2.id, &[]).unwrap());
     }
 }

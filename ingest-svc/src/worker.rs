@@ -22,7 +22,7 @@ use crate::chunk::Chunk;
 use crate::downstream::point_id;
 use crate::error::{Error, Result};
 use crate::extract::{self, ContentType};
-use crate::store::{self, Job, JobKind, Release, Status};
+use crate::store::{self, Document, Job, JobKind, Release, Status};
 
 /// How jobs are run.
 #[derive(Debug, Clone)]
@@ -342,6 +342,14 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     if !set_status(catalog, &doc.id, Status::Storing).await? {
         return finish(catalog, job).await;
     }
+    // A version of a source is written hidden, so that searches keep seeing the version they
+    // see now until this one is complete (then `publish` swaps them in one step).
+    if !doc.source_id.is_empty() {
+        catalog
+            .downstream
+            .update_hidden(&ctx, &kb.id, vec![doc.id.clone()], Vec::new())
+            .await?;
+    }
     // Points (each with a copy of the title, source name and metadata) are built one batch at a
     // time, so a job's memory is bounded by the batch, not by chunks × payload.
     let metadata: std::collections::HashMap<_, _> = doc.metadata.clone().into_iter().collect();
@@ -383,10 +391,67 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
             .delete_points(&ctx, &kb.id, stale)
             .await?;
     }
-    if set_status(catalog, &doc.id, Status::Indexed).await? {
+    if !doc.source_id.is_empty() {
+        publish(catalog, &ctx, &doc).await?;
+    } else if set_status(catalog, &doc.id, Status::Indexed).await? {
         tracing::info!(document = %doc.id, chunks = count, "document indexed");
     }
     finish(catalog, job).await
+}
+
+/// Makes a version of a source the one searches see, in one step, and retires the older
+/// versions (they are deleted next, by their delete jobs). If a newer version was indexed
+/// first, this one is outdated: it is deleted instead, and never shown.
+///
+/// Publishes run one at a time, so two versions finishing together cannot both replace the
+/// other. A crash after the swap and before the catalog records it re-runs the job, which
+/// hides this version again until it publishes it again: searches then briefly see neither
+/// version, never both.
+async fn publish(catalog: &Catalog, ctx: &CallContext, doc: &Document) -> Result<()> {
+    let _one_at_a_time = catalog.publishing.lock().await;
+    let current = doc.clone();
+    let others = catalog
+        .store
+        .call(move |c| store::other_versions(c, &current))
+        .await?;
+    if let Some(newer) = others
+        .iter()
+        .find(|o| o.status == Status::Indexed && o.is_newer_than(doc))
+    {
+        tracing::info!(document = %doc.id, newer = %newer.id, source = %doc.source_id, "outdated version of a source, deleting it");
+        let id = doc.id.clone();
+        return catalog
+            .store
+            .call(move |c| store::mark_deleting(c, &id))
+            .await;
+    }
+    let older: Vec<String> = others
+        .iter()
+        .filter(|o| !o.is_newer_than(doc))
+        .map(|o| o.id.clone())
+        .collect();
+    catalog
+        .downstream
+        .update_hidden(ctx, &doc.kb_id, older.clone(), vec![doc.id.clone()])
+        .await?;
+    let (id, replaced) = (doc.id.clone(), older.clone());
+    let published = catalog
+        .store
+        .call(move |c| store::publish_version(c, &id, &replaced))
+        .await?;
+    if !published {
+        // Deleted meanwhile: put the swap back; its delete job removes its points.
+        tracing::info!(document = %doc.id, "version deleted while being published; swap undone");
+        return catalog
+            .downstream
+            .update_hidden(ctx, &doc.kb_id, vec![doc.id.clone()], older)
+            .await;
+    }
+    tracing::info!(document = %doc.id, source = %doc.source_id, replaced = ?older, "version indexed and published");
+    if !older.is_empty() {
+        catalog.jobs_added.notify_waiters();
+    }
+    Ok(())
 }
 
 /// The text embedded for `chunk`: the document's title and the chunk's heading path, each on a
@@ -436,6 +501,19 @@ pub(crate) async fn run_delete(catalog: &Catalog, ctx: &CallContext, job: &Job) 
         // The whole collection is gone (knowledge base deleted): nothing left to remove.
         Ok(()) | Err(Error::NotFound(_)) => {}
         Err(err) => return Err(err),
+    }
+    // A version may be hidden (replaced, or never published): with its points gone, the index
+    // can forget it.
+    if !doc.source_id.is_empty() {
+        let forget = vec![doc.id.clone()];
+        match catalog
+            .downstream
+            .update_hidden(ctx, &doc.kb_id, Vec::new(), forget)
+            .await
+        {
+            Ok(()) | Err(Error::NotFound(_)) => {}
+            Err(err) => return Err(err),
+        }
     }
     let (blobs, doc_id) = (catalog.blobs.clone(), doc.id.clone());
     tokio::task::spawn_blocking(move || blobs.remove(&doc_id))
@@ -596,6 +674,7 @@ mod in_flight {
             knowledge_base: "kb".into(),
             title: String::new(),
             source_name: String::new(),
+            source_id: String::new(),
             metadata: Default::default(),
             format: None,
             arrival: Arrival::Text,
@@ -637,6 +716,7 @@ mod in_flight {
                     knowledge_base: "kb".into(),
                     title: String::new(),
                     source_name: String::new(),
+                    source_id: String::new(),
                     metadata: Default::default(),
                     format: None,
                     arrival: Arrival::Text,

@@ -231,8 +231,9 @@ impl Limits {
 
     /// Upper bound of one encoded document record (as `GetDocument` returns it).
     pub fn document_record_bytes(&self) -> usize {
+        // The source name and the source id share one limit.
         self.title_bytes
-            + self.source_name_bytes
+            + 2 * self.source_name_bytes
             + self.metadata_bytes()
             + ERROR_BYTES
             + 4 * ID_BYTES

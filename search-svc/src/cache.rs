@@ -37,12 +37,17 @@ pub struct Version {
     pub shared: Option<u64>,
 }
 
-/// Per-collection version counters.
+/// Per-collection version counters, and the order of visibility changes against searches.
 pub struct Versions {
     local: Mutex<HashMap<String, u64>>,
     redis: Option<Arc<Redis>>,
     /// Collections whose shared version missed a write (an `INCR` failed).
     missed: Mutex<HashSet<String>>,
+    /// Held (shared) by a search from reading a collection's hidden documents until its index
+    /// queries are done, and (exclusive) by a change of hidden documents: a search then runs
+    /// all its legs against one visibility, and a document hidden before its points are
+    /// written is never seen half-written.
+    visibility: tokio::sync::RwLock<()>,
 }
 
 fn version_key(collection_id: &str) -> String {
@@ -56,7 +61,13 @@ impl Versions {
             local: Mutex::new(HashMap::new()),
             redis,
             missed: Mutex::new(HashSet::new()),
+            visibility: tokio::sync::RwLock::new(()),
         }
+    }
+
+    /// See the `visibility` field: searches read it, changes of hidden documents write it.
+    pub fn visibility(&self) -> &tokio::sync::RwLock<()> {
+        &self.visibility
     }
 
     fn local(&self, collection_id: &str) -> u64 {

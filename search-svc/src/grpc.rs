@@ -121,6 +121,7 @@ impl pb::index_service_server::IndexService for IndexGrpc {
                 name: r.knowledge_base,
                 dimension: r.dimension,
                 embedding_model: r.embedding_model,
+                ..Default::default()
             })
             .await?;
         self.versions.bump(&id).await;
@@ -193,6 +194,41 @@ impl pb::index_service_server::IndexService for IndexGrpc {
         Ok(Response::new(pb::DeletePointsResponse {}))
     }
 
+    async fn update_hidden_documents(
+        &self,
+        request: Request<pb::UpdateHiddenDocumentsRequest>,
+    ) -> Result<Response<pb::UpdateHiddenDocumentsResponse>, Status> {
+        let r = request.into_inner();
+        parse_uuid("knowledge_base_id", &r.knowledge_base_id)?;
+        for (field, ids) in [
+            ("hide_document_ids", &r.hide_document_ids),
+            ("show_document_ids", &r.show_document_ids),
+        ] {
+            if let Some(bad) = ids.iter().find(|id| id.is_empty() || id.len() > 128) {
+                return Err(Error::invalid(
+                    field,
+                    format!("{bad:?} is not a document id (1 to 128 bytes)"),
+                )
+                .into());
+            }
+        }
+        let hidden = {
+            // Waits for searches running against the current visibility.
+            let _exclusive = self.versions.visibility().write().await;
+            self.index
+                .update_hidden(
+                    &r.knowledge_base_id,
+                    r.hide_document_ids,
+                    r.show_document_ids,
+                )
+                .await?
+        };
+        self.versions.bump(&r.knowledge_base_id).await;
+        Ok(Response::new(pb::UpdateHiddenDocumentsResponse {
+            hidden_documents: hidden.len() as u32,
+        }))
+    }
+
     async fn get_collection_stats(
         &self,
         request: Request<pb::GetCollectionStatsRequest>,
@@ -200,8 +236,16 @@ impl pb::index_service_server::IndexService for IndexGrpc {
         let r = request.into_inner();
         parse_uuid("knowledge_base_id", &r.knowledge_base_id)?;
         let point_count = self.index.count(&r.knowledge_base_id).await?;
+        // An empty change reads the hidden set.
+        let hidden_document_ids = self
+            .index
+            .update_hidden(&r.knowledge_base_id, Vec::new(), Vec::new())
+            .await?
+            .into_iter()
+            .collect();
         Ok(Response::new(pb::GetCollectionStatsResponse {
             point_count,
+            hidden_document_ids,
         }))
     }
 }

@@ -417,11 +417,21 @@ impl Searcher {
         }
         // One more than asked, to know whether a next page exists.
         let depth = query.offset + query.top_k + 1;
-        let leg = |vector| LegQuery {
-            vector,
-            limit: depth,
-            filter: query.filter.clone(),
-            min_score: query.min_score,
+        // Versions of documents being replaced or deleted are left out, all at once: the hidden
+        // set is read again once the query is embedded, and holds still until every leg ran.
+        let visibility = async {
+            let guard = self.versions.visibility().read().await;
+            let hidden = match self
+                .index
+                .resolve(&ctx.tenant, &query.knowledge_base)
+                .await?
+            {
+                Some(now) if now.id == collection.id => now.hidden_documents,
+                _ => collection.hidden_documents.clone(),
+            };
+            let mut filter = query.filter.clone();
+            filter.exclude_document_ids = hidden.into_iter().collect();
+            Ok::<_, Error>((guard, filter))
         };
         let sparse = || QueryVector::Sparse(self.analyzer.query(&query.query));
         let embedded = match query.mode {
@@ -430,6 +440,13 @@ impl Searcher {
                 self.embed_query(ctx, &query.query, &collection.embedding_model)
                     .await,
             ),
+        };
+        let (visible, filter) = visibility.await?;
+        let leg = |vector| LegQuery {
+            vector,
+            limit: depth,
+            filter: filter.clone(),
+            min_score: query.min_score,
         };
         let (mut hits, mode, degraded) = match embedded {
             None => (
@@ -460,7 +477,7 @@ impl Searcher {
                 let wide = |vector| LegQuery {
                     vector,
                     limit: candidates,
-                    filter: query.filter.clone(),
+                    filter: filter.clone(),
                     min_score: None,
                 };
                 let (dense, lexical) = tokio::try_join!(
@@ -481,6 +498,7 @@ impl Searcher {
                 (fused, Mode::Hybrid, None)
             }
         };
+        drop(visible);
         let more = hits.len() > query.offset + query.top_k;
         hits = hits
             .into_iter()

@@ -433,3 +433,225 @@ async fn cluster_end_to_end() {
         Code::NotFound
     );
 }
+
+/// The same handbook in two versions: every paragraph is in both, so a search that could see
+/// both would mix their chunks; a marker word tells them apart.
+fn handbook(version: &str) -> String {
+    (0..40)
+        .map(|i| {
+            format!(
+                "## Section {i}\n\nRelease {version} of the handbook. Paragraph {i} explains how the \
+                 deployment pipeline promotes builds from staging to production, how rollbacks are \
+                 triggered, and who approves a release window.\n"
+            )
+        })
+        .collect()
+}
+
+/// Replace by source under concurrent searches: until the new version is indexed every
+/// answer comes from the old one, after it only from the new one, and no answer ever mixes
+/// them or has neither; the old version is then deleted and the index forgets it. The same
+/// bytes again are a no-op; a version that fails leaves the served one in place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_version_of_a_source_replaces_the_old_one_atomically() {
+    let cluster = Cluster::start().await;
+    let kb = common::create_kb(&cluster, "versions").await;
+    let text = |version: &str, wait: bool| pb::IngestTextRequest {
+        knowledge_base: "versions".into(),
+        text: handbook(version),
+        title: "Handbook".into(),
+        source_id: "docs/handbook.md".into(),
+        wait,
+        ..Default::default()
+    };
+    let mut docs = cluster.docs().await;
+    let v1 = docs
+        .ingest_text(text("one", true))
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    assert_eq!(v1.status, pb::DocumentStatus::Indexed as i32, "{v1:?}");
+    assert_eq!(v1.source_id, "docs/handbook.md");
+    assert!(v1.chunk_count >= 2, "{} chunks", v1.chunk_count);
+    let other = common::ingest_text(&cluster, "versions", DOCS[1].1, true)
+        .await
+        .unwrap()
+        .document
+        .unwrap();
+
+    // Searches run all along; each records which versions it saw and when it started.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let searcher = {
+        let (mut client, stop) = (cluster.search().await, stop.clone());
+        let (v1_id, other_id) = (v1.id.clone(), other.id.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // A new query each time, so that the cache answers none of them.
+                let started = std::time::Instant::now();
+                let response = client
+                    .search(pb::SearchRequest {
+                        knowledge_base: "versions".into(),
+                        query: format!("how are releases promoted to production {n}"),
+                        top_k: 10,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("search")
+                    .into_inner();
+                n += 1;
+                let ids: std::collections::BTreeSet<String> = response
+                    .hits
+                    .iter()
+                    .map(|h| h.document_id.clone())
+                    .filter(|id| *id != other_id)
+                    .collect();
+                let old = ids.contains(&v1_id);
+                seen.push((started, old, ids));
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v2 = docs
+        .ingest_text(text("two", true))
+        .await
+        .unwrap()
+        .into_inner();
+    let acknowledged = std::time::Instant::now();
+    assert!(!v2.deduplicated);
+    let v2 = v2.document.unwrap();
+    assert_eq!(v2.status, pb::DocumentStatus::Indexed as i32, "{v2:?}");
+    assert_ne!(v2.id, v1.id);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = searcher.await.unwrap();
+
+    let (mut before, mut after) = (0, 0);
+    for (started, old, ids) in &seen {
+        assert_eq!(
+            ids.len(),
+            1,
+            "one version per answer, never both or neither: {ids:?}"
+        );
+        if *started > acknowledged {
+            assert!(
+                !old,
+                "the old version was served after the new one was acknowledged"
+            );
+            after += 1;
+        } else if *old {
+            before += 1;
+        }
+        assert!(ids.contains(&v1.id) || ids.contains(&v2.id), "{ids:?}");
+    }
+    println!(
+        "replace under searches: {} searches, {before} answered by the old version, {after} after the swap by the new one",
+        seen.len()
+    );
+    assert!(
+        before > 0 && after > 0,
+        "searches ran on both sides of the swap"
+    );
+
+    // The old version is deleted, and the index forgets it once its points are gone.
+    eventually(Duration::from_secs(30), "old version deleted", || async {
+        match common::get_document(&cluster, "versions", &v1.id).await {
+            Err(s) if s.code() == Code::NotFound => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    let mut index = pb::index_service_client::IndexServiceClient::new(
+        common::connect(&cluster.service("search-svc").grpc).await,
+    );
+    let stats = eventually(
+        Duration::from_secs(30),
+        "index forgets the old version",
+        || {
+            let mut index = index.clone();
+            let kb_id = kb.id.clone();
+            async move {
+                let stats = index
+                    .get_collection_stats(pb::GetCollectionStatsRequest {
+                        knowledge_base_id: kb_id,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                stats.hidden_document_ids.is_empty().then_some(stats)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        stats.point_count,
+        u64::from(v2.chunk_count + other.chunk_count),
+        "exactly the new version's chunks and the other document's"
+    );
+
+    // The same bytes again: nothing new.
+    let again = docs
+        .ingest_text(text("two", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.deduplicated);
+    assert_eq!(again.document.unwrap().id, v2.id);
+
+    // A version that fails (a PDF without text) leaves the served version in place.
+    let pdf = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/formats/image-only.pdf"),
+    )
+    .unwrap();
+    let failed = common::upload(
+        &cluster,
+        pb::DocumentHeader {
+            knowledge_base: "versions".into(),
+            source_id: "docs/handbook.md".into(),
+            wait: true,
+            ..Default::default()
+        },
+        &pdf,
+        1 << 20,
+    )
+    .await
+    .unwrap()
+    .document
+    .unwrap();
+    assert_eq!(
+        failed.status,
+        pb::DocumentStatus::Failed as i32,
+        "{failed:?}"
+    );
+    let hits = search(
+        &cluster,
+        "versions",
+        "how are releases promoted to production",
+    )
+    .await
+    .unwrap()
+    .hits;
+    assert!(hits.iter().any(|h| h.document_id == v2.id), "{hits:?}");
+    assert_eq!(
+        common::get_document(&cluster, "versions", &v2.id)
+            .await
+            .unwrap()
+            .status,
+        pb::DocumentStatus::Indexed as i32
+    );
+    // Index.UpdateHiddenDocuments refuses a document in both lists.
+    let err = index
+        .update_hidden_documents(pb::UpdateHiddenDocumentsRequest {
+            knowledge_base_id: kb.id.clone(),
+            hide_document_ids: vec!["x".into()],
+            show_document_ids: vec!["x".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("hide_document_ids"), "{err:?}");
+}

@@ -37,6 +37,8 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     /// Calls in flight to it beyond which more are shed at once.
     max_in_flight: usize,
+    /// Its attempts counter, looked up once rather than on every call.
+    attempts: std::sync::OnceLock<metrics::Counter>,
 }
 
 impl Endpoint {
@@ -48,6 +50,7 @@ impl Endpoint {
             breaker,
             in_flight: AtomicUsize::new(0),
             max_in_flight: usize::MAX,
+            attempts: std::sync::OnceLock::new(),
         }
     }
 
@@ -192,7 +195,10 @@ impl tower::Service<HttpRequest> for Balancer {
             Err(status) => return Box::pin(std::future::ready(Err(Box::new(status) as BoxError))),
         };
         let downstream = self.downstream;
-        metrics::counter!("client_attempts_total", "downstream" => downstream, "endpoint" => endpoint.addr.clone()).increment(1);
+        endpoint
+            .attempts
+            .get_or_init(|| metrics::counter!("client_attempts_total", "downstream" => downstream, "endpoint" => endpoint.addr.clone()))
+            .increment(1);
         let service = endpoint.service.clone();
         let guard = match InFlight::try_new(endpoint) {
             Ok(guard) => guard,

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::transport::{Channel, Endpoint};
-use tower::ServiceExt;
 use tower::retry::budget::{Budget, TpsBudget};
 
 pub use balance::Balancer;
@@ -114,7 +113,14 @@ pub struct Downstream {
     balancer: Balancer,
     settings: Arc<ClientSettings>,
     budget: Arc<TpsBudget>,
+    methods: Arc<std::sync::RwLock<std::collections::HashMap<&'static str, Arc<MethodMetrics>>>>,
     _discovery: Arc<discovery::Refresh>,
+}
+
+/// Handles of a method's metrics: successful calls and durations.
+struct MethodMetrics {
+    ok: metrics::Counter,
+    duration: metrics::Histogram,
 }
 
 impl Downstream {
@@ -141,6 +147,7 @@ impl Downstream {
             budget: retry::budget(&settings.retry),
             balancer,
             settings,
+            methods: Arc::default(),
             _discovery: Arc::new(refresh),
         })
     }
@@ -206,20 +213,42 @@ impl Downstream {
             &self.settings.retry,
             self.budget.clone(),
         );
-        let balancer = self.balancer.clone();
-        let attempt = tower::service_fn(move |request| send(balancer.clone(), request));
-        let result = tower::retry::Retry::new(policy, attempt)
-            .oneshot(request)
-            .await
-            .map(tonic::Response::into_inner);
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(status) => status.code(),
-        };
-        metrics::counter!("client_requests_total", "downstream" => self.name, "method" => rpc.method, "code" => crate::metrics::code_label(code)).increment(1);
-        metrics::histogram!("client_request_duration_seconds", "downstream" => self.name, "method" => rpc.method)
-            .record(started.elapsed().as_secs_f64());
+        let result = retry::run(policy, request, |request| {
+            send(self.balancer.clone(), request)
+        })
+        .await
+        .map(tonic::Response::into_inner);
+        let method = self.method_metrics(rpc.method);
+        match &result {
+            Ok(_) => method.ok.increment(1),
+            Err(status) => {
+                metrics::counter!("client_requests_total", "downstream" => self.name, "method" => rpc.method, "code" => crate::metrics::code_label(status.code())).increment(1)
+            }
+        }
+        method.duration.record(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// The metrics of one method, looked up in the registry once rather than on every call.
+    fn method_metrics(&self, method: &'static str) -> Arc<MethodMetrics> {
+        if let Some(found) = self
+            .methods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(method)
+        {
+            return found.clone();
+        }
+        let made = Arc::new(MethodMetrics {
+            ok: metrics::counter!("client_requests_total", "downstream" => self.name, "method" => method, "code" => crate::metrics::code_label(tonic::Code::Ok)),
+            duration: metrics::histogram!("client_request_duration_seconds", "downstream" => self.name, "method" => method),
+        });
+        self.methods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(method)
+            .or_insert(made)
+            .clone()
     }
 }
 

@@ -138,6 +138,44 @@ where
     }
 }
 
+/// A copy of a typed request: its message and its metadata (tenant, request id, deadline).
+fn copy<M: Clone>(request: &tonic::Request<M>) -> tonic::Request<M> {
+    let mut copy = tonic::Request::new(request.get_ref().clone());
+    *copy.metadata_mut() = request.metadata().clone();
+    copy
+}
+
+/// Sends `request` with `send`, retrying as `policy` says: the loop of `tower::retry::Retry`,
+/// without its service wrapper and boxed attempts, and without copying the request of a call
+/// that is never retried (copies of large embedding batches are not free).
+pub async fn run<M, R, B, F, Fut>(
+    mut policy: RetryPolicy<B>,
+    mut request: tonic::Request<M>,
+    mut send: F,
+) -> Result<tonic::Response<R>, tonic::Status>
+where
+    M: Clone,
+    B: Iterator<Item = Duration> + Clone,
+    F: FnMut(tonic::Request<M>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    use tower::retry::Policy;
+    loop {
+        let next = policy.idempotent.then(|| copy(&request));
+        let mut result = send(request).await;
+        let Some(mut next) = next else {
+            return result;
+        };
+        match policy.retry(&mut next, &mut result) {
+            None => return result,
+            Some(wait) => {
+                wait.await;
+                request = next;
+            }
+        }
+    }
+}
+
 impl<M, R, B> tower::retry::Policy<tonic::Request<M>, tonic::Response<R>, tonic::Status>
     for RetryPolicy<B>
 where
@@ -160,9 +198,7 @@ where
     }
 
     fn clone_request(&mut self, request: &tonic::Request<M>) -> Option<tonic::Request<M>> {
-        let mut copy = tonic::Request::new(request.get_ref().clone());
-        *copy.metadata_mut() = request.metadata().clone();
-        Some(copy)
+        Some(copy(request))
     }
 }
 
@@ -226,11 +262,15 @@ mod tests {
             settings,
             budget,
         );
-        let service = tower::retry::Retry::new(policy, flaky(failures, status, calls.clone()));
-        let result = service
-            .oneshot(tonic::Request::new("payload".to_owned()))
-            .await
-            .map(|r| r.into_inner());
+        // Through the loop the client stack runs.
+        let service = flaky(failures, status, calls.clone());
+        let result = run(
+            policy,
+            tonic::Request::new("payload".to_owned()),
+            |request| service.clone().oneshot(request),
+        )
+        .await
+        .map(|r| r.into_inner());
         (result, calls.load(Ordering::SeqCst))
     }
 

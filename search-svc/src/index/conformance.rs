@@ -46,6 +46,7 @@ macro_rules! vector_index_conformance {
             delete_points_removes_exactly_those,
             metadata_filter,
             document_ids_filter,
+            hidden_documents_are_left_out_and_swapped_at_once,
             unknown_collection_is_not_found,
             delete_collection_removes_everything,
             tenants_are_isolated,
@@ -121,6 +122,7 @@ fn fresh_info() -> CollectionInfo {
         name: "handbook".into(),
         dimension: DIM,
         embedding_model: "test-model".into(),
+        ..Default::default()
     }
 }
 
@@ -633,6 +635,125 @@ pub(crate) async fn document_ids_filter(index: &dyn VectorIndex) {
     combined.metadata.insert("team".into(), "core".into());
     let hits = search(index, &info.id, SAMPLE_QUERY, 10, combined).await;
     assert_eq!(ids(&hits), [point_id("doc-a", 0), point_id("doc-b", 0)]);
+
+    index.delete_collection(&info.id).await.unwrap();
+}
+
+/// Hidden documents: kept with the collection (resolve returns them, in one set), changed in
+/// one step, left out by the exclusion filter in both legs, and combined with other filters.
+pub(crate) async fn hidden_documents_are_left_out_and_swapped_at_once(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    let mut points = sample_points();
+    points.push(text_chunk("doc-text", "quarterly revenue report", &[]));
+    index.upsert(&info.id, points).await.unwrap();
+    let strings = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let hidden_now = || async {
+        index
+            .resolve(&info.tenant, &info.name)
+            .await
+            .unwrap()
+            .expect("resolves")
+            .hidden_documents
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    assert!(hidden_now().await.is_empty(), "none hidden at first");
+
+    // Stage "doc-b" (a new version being written) next to what is served.
+    let hidden = index
+        .update_hidden(&info.id, strings(&["doc-b"]), vec![])
+        .await
+        .unwrap();
+    assert_eq!(hidden.into_iter().collect::<Vec<_>>(), ["doc-b"]);
+    let excluding = |hidden: Vec<String>| SearchFilter {
+        exclude_document_ids: hidden,
+        ..SearchFilter::default()
+    };
+    let hits = search(
+        index,
+        &info.id,
+        SAMPLE_QUERY,
+        10,
+        excluding(hidden_now().await),
+    )
+    .await;
+    assert_eq!(
+        ids(&hits),
+        [
+            point_id("doc-a", 0),
+            point_id("doc-c", 0),
+            point_id("doc-text", 0),
+            point_id("doc-a", 1)
+        ]
+    );
+
+    // Swap: show "doc-b", hide "doc-a" and "doc-c" in one call.
+    index
+        .update_hidden(&info.id, strings(&["doc-a", "doc-c"]), strings(&["doc-b"]))
+        .await
+        .unwrap();
+    assert_eq!(hidden_now().await, ["doc-a", "doc-c"]);
+    let hits = search(
+        index,
+        &info.id,
+        SAMPLE_QUERY,
+        10,
+        excluding(hidden_now().await),
+    )
+    .await;
+    assert_eq!(docs_of(&hits), ["doc-text", "doc-b"]);
+    // With another filter too, and in the lexical leg.
+    let mut both = excluding(hidden_now().await);
+    both.metadata.insert("team".into(), "core".into());
+    let hits = search(index, &info.id, SAMPLE_QUERY, 10, both).await;
+    assert_eq!(docs_of(&hits), ["doc-b"]);
+    let hits = lexical(
+        index,
+        &info.id,
+        "revenue",
+        excluding(hidden_now().await),
+        None,
+    )
+    .await;
+    assert_eq!(docs_of(&hits), ["doc-text"]);
+    index
+        .update_hidden(&info.id, strings(&["doc-text"]), vec![])
+        .await
+        .unwrap();
+    let hits = lexical(
+        index,
+        &info.id,
+        "revenue",
+        excluding(hidden_now().await),
+        None,
+    )
+    .await;
+    assert!(hits.is_empty(), "{hits:?}");
+
+    // Showing what is not hidden and hiding twice change nothing; a document in both lists is
+    // refused, with nothing changed.
+    let hidden = index
+        .update_hidden(&info.id, strings(&["doc-a"]), strings(&["doc-x"]))
+        .await
+        .unwrap();
+    assert_eq!(hidden.len(), 3);
+    assert_invalid(
+        index
+            .update_hidden(&info.id, strings(&["doc-b"]), strings(&["doc-b"]))
+            .await,
+        "hide_document_ids",
+    );
+    assert_eq!(hidden_now().await, ["doc-a", "doc-c", "doc-text"]);
+    // The collection is still the same one for a create with its settings.
+    assert_eq!(
+        index.create_collection(info.clone()).await.unwrap(),
+        info.id
+    );
+    assert_not_found(
+        index
+            .update_hidden(&Uuid::new_v4().to_string(), vec![], vec![])
+            .await,
+    );
 
     index.delete_collection(&info.id).await.unwrap();
 }

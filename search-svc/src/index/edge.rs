@@ -23,7 +23,7 @@
 //! Writes to a collection wait while it is optimized (20,000 x 384 took 20-55 s on 2 busy cores);
 //! searches go on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, TryLockError};
 use std::io::{self, Write as _};
 use std::num::NonZeroUsize;
@@ -69,8 +69,9 @@ pub(super) const METADATA_PAIRS_FIELD: &str = "metadata_pairs";
 const REGISTRY_FILE: &str = "collections.json";
 const REGISTRY_TMP_FILE: &str = "collections.json.tmp";
 /// Version 1: dense vectors only. Version 2: a BM25 sparse vector per point and typed metadata
-/// fields; version-1 collections are migrated when the index is opened.
-const REGISTRY_VERSION: u32 = 2;
+/// fields; version-1 collections are migrated when the index is opened. Version 3: entries may
+/// list hidden documents (absent means none, so version-2 entries read as they are).
+const REGISTRY_VERSION: u32 = 3;
 const COLLECTIONS_DIR: &str = "collections";
 const LOCK_FILE: &str = ".lock";
 pub(super) const MAX_ID_LEN: usize = 128;
@@ -199,7 +200,9 @@ impl EdgeIndex {
         let (registry, version) = read_registry(dir)?;
         remove_orphans(&collections, &registry)?;
         if version < REGISTRY_VERSION {
-            migrate_v1(dir, &registry, &tuning, &analyzer)?;
+            if version < 2 {
+                migrate_v1(dir, &registry, &tuning, &analyzer)?;
+            }
             write_registry(dir, &registry)?;
             tracing::info!(
                 dir = %dir.display(), from = version, to = REGISTRY_VERSION, "migrated vector index"
@@ -309,6 +312,17 @@ impl VectorIndex for EdgeIndex {
         let id = collection_id.to_owned();
         self.blocking(move |inner| inner.count(&id)).await
     }
+
+    async fn update_hidden(
+        &self,
+        collection_id: &str,
+        hide: Vec<String>,
+        show: Vec<String>,
+    ) -> Result<BTreeSet<String>> {
+        let id = collection_id.to_owned();
+        self.blocking(move |inner| inner.update_hidden(&id, &hide, &show))
+            .await
+    }
 }
 
 impl Inner {
@@ -329,7 +343,7 @@ impl Inner {
         let _admin = lock(&self.admin);
         let mut registry = read(&self.registry).clone();
         if let Some(existing) = registry.get(&info.id) {
-            if *existing == info {
+            if existing.same_settings(&info) {
                 return Ok(info.id);
             }
             return Err(super::exists_with_other_settings(existing));
@@ -466,6 +480,26 @@ impl Inner {
             shard.write(id, UpdateOperation::PointOperation(op))?;
         }
         Ok((written, shard))
+    }
+
+    /// Rewrites the registry with the collection's new hidden set, then publishes it: searches
+    /// resolve either the old entry or the new one.
+    fn update_hidden(
+        &self,
+        id: &str,
+        hide: &[String],
+        show: &[String],
+    ) -> Result<BTreeSet<String>> {
+        let _admin = lock(&self.admin);
+        let mut registry = read(&self.registry).clone();
+        let entry = registry.get_mut(id).ok_or_else(|| not_found(id))?;
+        if entry.apply_hidden(hide, show)? {
+            let hidden = entry.hidden_documents.clone();
+            write_registry(&self.root, &registry)?;
+            *write(&self.registry) = registry;
+            return Ok(hidden);
+        }
+        Ok(entry.hidden_documents.clone())
     }
 
     fn delete_points(&self, id: &str, ids: Vec<Uuid>) -> Result<(usize, Arc<Shard>)> {
@@ -916,11 +950,19 @@ fn to_edge_filter(filter: &SearchFilter) -> Result<Option<Filter>> {
             any,
         )));
     }
-    Ok((!must.is_empty()).then(|| Filter {
+    let must_not = if filter.exclude_document_ids.is_empty() {
+        None
+    } else {
+        Some(vec![Condition::Field(FieldCondition::new_match(
+            json_path(DOCUMENT_ID_FIELD)?,
+            Match::from(filter.exclude_document_ids.clone()),
+        ))])
+    };
+    Ok((!must.is_empty() || must_not.is_some()).then(|| Filter {
         should: None,
         min_should: None,
-        must: Some(must),
-        must_not: None,
+        must: (!must.is_empty()).then_some(must),
+        must_not,
     }))
 }
 
@@ -1095,6 +1137,7 @@ mod tests {
             name: "handbook".into(),
             dimension,
             embedding_model: "test-model".into(),
+            ..Default::default()
         }
     }
 
@@ -1448,9 +1491,9 @@ mod tests {
         }
     }
 
-    /// An index written by the previous release (registry version 1, dense vectors only; made by
+    /// An index written by the first release (registry version 1, dense vectors only; made by
     /// `smartdb serve search` of that release through IndexService) opens: its collection is
-    /// migrated to version 2, keeps every point and payload, and gains the lexical leg.
+    /// migrated, keeps every point and payload, and gains the lexical leg.
     #[tokio::test]
     async fn a_version_1_index_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
@@ -1467,7 +1510,7 @@ mod tests {
         let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
         let registry: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.path().join(REGISTRY_FILE)).unwrap()).unwrap();
-        assert_eq!(registry["version"], 2);
+        assert_eq!(registry["version"], REGISTRY_VERSION);
         let info = index.resolve("default", "animals").await.unwrap().unwrap();
         assert_eq!((info.id.as_str(), info.dimension), (id, 4));
         assert_eq!(index.count(id).await.unwrap(), 3);
@@ -1528,5 +1571,59 @@ mod tests {
         assert_eq!(index.count(id).await.unwrap(), 3);
         assert!(!dir.path().join(format!("retired-{id}")).exists());
         assert!(!dir.path().join(format!("migrating-{id}")).exists());
+    }
+
+    /// Hidden documents survive a restart; a version-2 registry (entries without hidden
+    /// documents) opens as version 3 with none hidden and its points untouched.
+    #[tokio::test]
+    async fn hidden_documents_persist_and_a_version_2_registry_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = sample_info(4);
+        {
+            let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
+            index.create_collection(info.clone()).await.unwrap();
+            index
+                .upsert(&info.id, points("doc-new", 0..3, 4))
+                .await
+                .unwrap();
+            index
+                .update_hidden(&info.id, vec!["doc-old".into()], vec![])
+                .await
+                .unwrap();
+        }
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
+        let resolved = index
+            .resolve(&info.tenant, &info.name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            resolved.hidden_documents.into_iter().collect::<Vec<_>>(),
+            ["doc-old"]
+        );
+        drop(index);
+
+        // The same registry as the previous release wrote it.
+        let path = dir.path().join(REGISTRY_FILE);
+        let mut registry: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        registry["version"] = 2.into();
+        registry["collections"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("hidden_documents");
+        fs::write(&path, serde_json::to_vec(&registry).unwrap()).unwrap();
+
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
+        let resolved = index
+            .resolve(&info.tenant, &info.name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(resolved.hidden_documents.is_empty());
+        assert!(resolved.same_settings(&info));
+        assert_eq!(index.count(&info.id).await.unwrap(), 3);
+        let written: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(written["version"], REGISTRY_VERSION);
     }
 }

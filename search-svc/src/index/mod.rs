@@ -4,7 +4,7 @@
 //! [`QdrantIndex`] talks to a Qdrant server or cluster. Every implementation must pass the shared
 //! conformance suite in `conformance.rs`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use uuid::Uuid;
 
@@ -73,7 +73,7 @@ pub struct IndexPoint {
 }
 
 /// A knowledge base's collection as the index knows it.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CollectionInfo {
     /// Collection id: the knowledge base's UUID.
     pub id: String,
@@ -85,6 +85,42 @@ pub struct CollectionInfo {
     pub dimension: u32,
     /// Embedding model the vectors come from.
     pub embedding_model: String,
+    /// Documents whose chunks searches leave out (a new version being written, an old one
+    /// being deleted); see [`VectorIndex::update_hidden`]. Absent from entries written before
+    /// documents could be hidden.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub hidden_documents: BTreeSet<String>,
+}
+
+impl CollectionInfo {
+    /// True if `other` describes the same collection (same id, owner, name, dimension and
+    /// model), whatever documents either hides.
+    pub fn same_settings(&self, other: &CollectionInfo) -> bool {
+        self.id == other.id
+            && self.tenant == other.tenant
+            && self.name == other.name
+            && self.dimension == other.dimension
+            && self.embedding_model == other.embedding_model
+    }
+
+    /// Applies an [`VectorIndex::update_hidden`] change; InvalidArgument if a document is in
+    /// both lists. Returns true if the set changed.
+    pub fn apply_hidden(&mut self, hide: &[String], show: &[String]) -> Result<bool> {
+        if let Some(both) = hide.iter().find(|id| show.contains(id)) {
+            return Err(crate::Error::invalid(
+                "hide_document_ids",
+                format!("document {both:?} is also in show_document_ids"),
+            ));
+        }
+        let mut changed = false;
+        for id in show {
+            changed |= self.hidden_documents.remove(id);
+        }
+        for id in hide {
+            changed |= self.hidden_documents.insert(id.clone());
+        }
+        Ok(changed)
+    }
 }
 
 /// Restrictions applied to a search (all must hold).
@@ -98,6 +134,8 @@ pub struct SearchFilter {
     pub ranges: Vec<MetadataRange>,
     /// If non-empty, the chunk's document must be one of these.
     pub document_ids: Vec<String>,
+    /// The chunk's document must not be one of these (the collection's hidden documents).
+    pub exclude_document_ids: Vec<String>,
 }
 
 /// What a range compares: metadata values that parse as numbers, or as RFC 3339 timestamps
@@ -233,6 +271,17 @@ pub trait VectorIndex: Send + Sync + 'static {
     async fn search(&self, collection_id: &str, query: LegQuery) -> Result<Vec<ScoredChunk>>;
     /// Counts the points in a collection; NotFound for an unknown collection.
     async fn count(&self, collection_id: &str) -> Result<u64>;
+    /// In one atomic, durable step: the documents in `hide` join the collection's hidden
+    /// documents and those in `show` leave them ([`CollectionInfo::hidden_documents`], which
+    /// `resolve` returns and searches leave out). Returns the hidden documents after it.
+    ///
+    /// NotFound for an unknown collection; InvalidArgument if a document is in both lists.
+    async fn update_hidden(
+        &self,
+        collection_id: &str,
+        hide: Vec<String>,
+        show: Vec<String>,
+    ) -> Result<BTreeSet<String>>;
 }
 
 /// Namespace of [`point_id`]'s UUIDv5s; never change it, or re-ingested chunks would duplicate.

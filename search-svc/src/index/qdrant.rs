@@ -23,7 +23,7 @@
 //! replication factor and write consistency factor are passed through when a collection is
 //! created (unset: the server's defaults).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -486,7 +486,7 @@ impl VectorIndex for QdrantIndex {
         let _admin = self.admin.lock().await;
 
         if let Some(existing) = self.registry_get(&info.id).await? {
-            if existing == info {
+            if existing.same_settings(&info) {
                 self.remember(&info.id, Some(info.dimension as usize));
                 return Ok(info.id);
             }
@@ -543,6 +543,27 @@ impl VectorIndex for QdrantIndex {
 
     async fn resolve(&self, tenant: &str, name: &str) -> Result<Option<CollectionInfo>> {
         Ok(self.registry_find(tenant, name).await?.into_iter().next())
+    }
+
+    async fn update_hidden(
+        &self,
+        collection_id: &str,
+        hide: Vec<String>,
+        show: Vec<String>,
+    ) -> Result<BTreeSet<String>> {
+        // The whole entry is one registry point, so readers see the old set or the new one.
+        // The admin lock orders this process's changes; replicas sharing one Qdrant could
+        // still interleave (read, change, write), which ingest-svc avoids by publishing the
+        // versions of one source one at a time.
+        let _admin = self.admin.lock().await;
+        let mut entry = self
+            .registry_get(collection_id)
+            .await?
+            .ok_or_else(|| not_found(collection_id))?;
+        if entry.apply_hidden(&hide, &show)? {
+            self.registry_put(&entry).await?;
+        }
+        Ok(entry.hidden_documents)
     }
 
     async fn upsert(&self, collection_id: &str, points: Vec<IndexPoint>) -> Result<usize> {
@@ -787,7 +808,15 @@ fn to_qdrant_filter(filter: &SearchFilter) -> Option<Filter> {
             filter.document_ids.clone(),
         ));
     }
-    (!must.is_empty()).then(|| Filter::must(must))
+    let mut out = (!must.is_empty()).then(|| Filter::must(must));
+    if !filter.exclude_document_ids.is_empty() {
+        let filter_ = out.get_or_insert_with(Filter::default);
+        filter_.must_not.push(any_keyword_condition(
+            DOCUMENT_ID_FIELD,
+            filter.exclude_document_ids.clone(),
+        ));
+    }
+    out
 }
 
 /// Hits carry the [`ChunkPayload`] fields, not the derived filter fields.
@@ -1084,6 +1113,7 @@ mod tests {
             name: "handbook".into(),
             dimension,
             embedding_model: "test-model".into(),
+            ..Default::default()
         }
     }
 
@@ -1236,6 +1266,20 @@ mod tests {
     }
 
     #[test]
+    fn hidden_documents_are_a_must_not_keywords_match() {
+        let filter = to_qdrant_filter(&SearchFilter {
+            exclude_document_ids: vec!["old".into()],
+            ..SearchFilter::default()
+        })
+        .unwrap();
+        assert!(filter.must.is_empty());
+        assert_eq!(
+            filter.must_not,
+            [any_keyword_condition(DOCUMENT_ID_FIELD, vec!["old".into()])]
+        );
+    }
+
+    #[test]
     fn all_filter_kinds_combine_in_must() {
         let filter = SearchFilter {
             metadata: [("team".to_owned(), "core".to_owned())].into(),
@@ -1249,6 +1293,7 @@ mod tests {
                 lt: None,
             }],
             document_ids: vec!["doc".into()],
+            exclude_document_ids: Vec::new(),
         };
         let filter = to_qdrant_filter(&filter).unwrap();
         assert!(filter.should.is_empty() && filter.must_not.is_empty());
