@@ -4,36 +4,53 @@
 //!
 //! Files no document points at (an upload that crashed midway, a delete whose file removal
 //! failed) are garbage-collected, starting with [`BlobStore::sweep_start`].
+//!
+//! Layout (the file name says the format, so nothing in the catalog changes): `<id>` is a
+//! plain original, `<id>.enc` an encrypted one ([`crate::encryption`]), written when a key is
+//! configured. Both stay readable whatever the configuration, so encryption can be turned on
+//! for a store that already holds plain originals.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::encryption::{self, Keyring, Sealer};
 use crate::error::{Error, Result};
 
 /// Bytes of the start of an upload kept in memory to tell its type and find its title.
 pub const PREFIX_BYTES: usize = 64 * 1024;
 const TMP_DIR: &str = "tmp";
+/// Suffix of encrypted originals.
+const SEALED: &str = ".enc";
 
 /// A directory of original files, named by document id.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     dir: PathBuf,
+    /// Keys when encryption at rest is on: new originals are encrypted with the first.
+    keys: Option<Arc<Keyring>>,
 }
 
 impl BlobStore {
-    /// Opens (creating) the store at `dir`.
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Opens (creating) the store at `dir`; with `keys`, new originals are encrypted.
+    pub fn open(dir: &Path, keys: Option<Keyring>) -> Result<Self> {
         std::fs::create_dir_all(dir.join(TMP_DIR))?;
         Ok(Self {
             dir: dir.to_owned(),
+            keys: keys.map(Arc::new),
         })
     }
 
     fn path(&self, id: &str) -> PathBuf {
         self.dir.join(id)
+    }
+
+    fn sealed_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}{SEALED}"))
     }
 
     /// Starts streaming a new original to a temp file.
@@ -47,6 +64,8 @@ impl BlobStore {
             file: Some(file),
             tmp,
             dir: self.dir.clone(),
+            keys: self.keys.clone(),
+            sealer: self.keys.as_ref().map(|k| k.sealer()),
             hasher: Sha256::new(),
             size: 0,
             prefix: Vec::new(),
@@ -54,17 +73,33 @@ impl BlobStore {
         })
     }
 
-    /// Reads the original of `id`.
+    /// Reads the original of `id` (decrypted if it was stored encrypted).
     pub fn get(&self, id: &str) -> Result<Vec<u8>> {
-        Ok(std::fs::read(self.path(id))?)
+        match std::fs::read(self.sealed_path(id)) {
+            Ok(sealed) => encryption::open(
+                self.keys.as_deref(),
+                &sealed,
+                &format!("the original of document {id}"),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(std::fs::read(self.path(id))?),
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// Removes the original of `id`; a missing file is fine.
+    /// Whether the original of `id` is stored encrypted (false also when there is none).
+    pub fn is_encrypted(&self, id: &str) -> bool {
+        self.sealed_path(id).exists()
+    }
+
+    /// Removes the original of `id`, whichever form it has; a missing file is fine.
     pub fn remove(&self, id: &str) -> Result<()> {
-        match std::fs::remove_file(self.path(id)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        for path in [self.path(id), self.sealed_path(id)] {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// First half of a sweep: removes temp files older than `grace` (uploads that never
@@ -95,20 +130,22 @@ impl BlobStore {
             if let Some(name) = entry.file_name().to_str()
                 && old(&entry.path())
             {
-                candidates.push(name.to_owned());
+                candidates.push(name.strip_suffix(SEALED).unwrap_or(name).to_owned());
             }
         }
         Ok((removed, candidates))
     }
 }
 
-/// An original being written: bytes go to a temp file as they arrive, while their hash, size,
-/// first bytes and UTF-8 validity are tracked. Dropped without [`BlobWriter::commit`], the temp
-/// file is removed.
+/// An original being written: bytes go to a temp file as they arrive (encrypted on the way
+/// when a key is configured), while their hash, size, first bytes and UTF-8 validity are
+/// tracked. Dropped without [`BlobWriter::commit`], the temp file is removed.
 pub struct BlobWriter {
     file: Option<tokio::fs::File>,
     tmp: PathBuf,
     dir: PathBuf,
+    keys: Option<Arc<Keyring>>,
+    sealer: Option<Sealer>,
     hasher: Sha256,
     size: u64,
     prefix: Vec<u8>,
@@ -138,7 +175,10 @@ impl BlobWriter {
         let file = self.file.as_mut().ok_or_else(|| {
             Error::Internal("write to an original that was already finished".into())
         })?;
-        file.write_all(bytes).await?;
+        match &mut self.sealer {
+            Some(sealer) => file.write_all(&sealer.push(bytes)?).await?,
+            None => file.write_all(bytes).await?,
+        }
         self.hasher.update(bytes);
         self.size += bytes.len() as u64;
         if self.prefix.len() < PREFIX_BYTES {
@@ -149,9 +189,18 @@ impl BlobWriter {
         Ok(())
     }
 
-    /// Where the bytes are while being written (readable once finished).
-    pub fn path(&self) -> &Path {
-        &self.tmp
+    /// Reads back the finished bytes (decrypted), e.g. to check a format before committing.
+    pub fn read_back(&self) -> Result<Vec<u8>> {
+        if self.file.is_some() {
+            return Err(Error::Internal(
+                "an original was read before it was finished".into(),
+            ));
+        }
+        let bytes = std::fs::read(&self.tmp)?;
+        match &self.keys {
+            Some(keys) => keys.open(&bytes, "an upload being stored"),
+            None => Ok(bytes),
+        }
     }
 
     /// Bytes written so far.
@@ -165,6 +214,9 @@ impl BlobWriter {
             .file
             .take()
             .ok_or_else(|| Error::Internal("an original was finished twice".into()))?;
+        if let Some(sealer) = self.sealer.take() {
+            file.write_all(&sealer.finish()?).await?;
+        }
         file.flush().await?;
         file.sync_all().await?;
         Ok(Written {
@@ -180,7 +232,11 @@ impl BlobWriter {
     /// Moves the finished file into place as the original of `id`, durably (rename, then fsync
     /// of the directory).
     pub async fn commit(self, id: &str) -> Result<()> {
-        let (tmp, dir, target) = (self.tmp.clone(), self.dir.clone(), self.dir.join(id));
+        let name = match self.keys {
+            Some(_) => format!("{id}{SEALED}"),
+            None => id.to_owned(),
+        };
+        let (tmp, dir, target) = (self.tmp.clone(), self.dir.clone(), self.dir.join(name));
         // The rename happened (or failed) before Drop runs; Drop then finds nothing to remove.
         tokio::task::spawn_blocking(move || -> Result<()> {
             std::fs::rename(&tmp, target)?;
@@ -282,7 +338,7 @@ mod tests {
     #[tokio::test]
     async fn streamed_originals_are_hashed_committed_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), None).unwrap();
         let mut writer = blobs.writer().await.unwrap();
         writer.write(b"hello ").await.unwrap();
         writer.write(b"world").await.unwrap();
@@ -303,9 +359,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_a_key_originals_are_stored_encrypted_and_plain_ones_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        // A plain original from before encryption was turned on.
+        let plain = BlobStore::open(dir.path(), None).unwrap();
+        let mut writer = plain.writer().await.unwrap();
+        writer.write(b"stored before encryption").await.unwrap();
+        writer.finish().await.unwrap();
+        writer.commit("old").await.unwrap();
+
+        let keys = Keyring::new(&[[5u8; 32]]).unwrap();
+        let blobs = BlobStore::open(dir.path(), Some(keys)).unwrap();
+        let text = "a secret sentence, streamed in pieces ".repeat(5000);
+        let mut writer = blobs.writer().await.unwrap();
+        for piece in text.as_bytes().chunks(7777) {
+            writer.write(piece).await.unwrap();
+        }
+        let written = writer.finish().await.unwrap();
+        // Hash, size and prefix describe the plaintext; read_back decrypts.
+        assert_eq!(written.size, text.len() as u64);
+        assert_eq!(written.sha256, hex::encode(Sha256::digest(text.as_bytes())));
+        assert_eq!(&written.prefix[..], &text.as_bytes()[..PREFIX_BYTES]);
+        assert_eq!(writer.read_back().unwrap(), text.as_bytes());
+        writer.commit("new").await.unwrap();
+
+        assert!(blobs.is_encrypted("new") && !blobs.is_encrypted("old"));
+        let on_disk = std::fs::read(dir.path().join("new.enc")).unwrap();
+        assert!(!on_disk.windows(16).any(|w| w == b"a secret sentenc"));
+        assert_eq!(blobs.get("new").unwrap(), text.as_bytes());
+        assert_eq!(blobs.get("old").unwrap(), b"stored before encryption");
+        // Without the key: a clear error, never the ciphertext.
+        let err = plain.get("new").unwrap_err();
+        assert!(
+            err.to_string().contains("no encryption key is configured"),
+            "{err}"
+        );
+        // The sweep names documents, whatever the form of their original.
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        for name in ["new.enc", "old"] {
+            std::fs::File::options()
+                .write(true)
+                .open(dir.path().join(name))
+                .unwrap()
+                .set_modified(an_hour_ago)
+                .unwrap();
+        }
+        let (_, mut candidates) = blobs.sweep_start(Duration::from_secs(60)).unwrap();
+        candidates.sort();
+        assert_eq!(candidates, ["new", "old"]);
+        blobs.remove("new").unwrap();
+        blobs.remove("old").unwrap();
+        assert!(blobs.get("new").is_err() && blobs.get("old").is_err());
+    }
+
+    #[tokio::test]
     async fn an_abandoned_upload_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), None).unwrap();
         let mut writer = blobs.writer().await.unwrap();
         writer.write(b"partial").await.unwrap();
         drop(writer);
@@ -318,7 +428,7 @@ mod tests {
     #[test]
     fn sweep_finds_old_files_only() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), None).unwrap();
         let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
         for name in ["kept", "orphan", "tmp/crashed-upload", "fresh-orphan"] {
             let path = dir.path().join(name);

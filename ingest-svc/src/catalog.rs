@@ -359,18 +359,16 @@ impl Catalog {
         };
         // A damaged or oversized PDF or DOCX is refused now, not failed later; and the title
         // the document carries is read.
-        let carried_title = {
-            let (path, prefix, limits) = (
-                writer.path().to_owned(),
-                written.prefix.clone(),
-                self.limits.clone(),
-            );
+        let (carried_title, writer) = {
+            let (prefix, limits) = (written.prefix.clone(), self.limits.clone());
             tokio::task::spawn_blocking(move || {
-                extract::inspect(content_type, &path, &prefix, &limits)
+                let title = extract::inspect(content_type, || writer.read_back(), &prefix, &limits);
+                (title, writer)
             })
             .await
-            .map_err(|e| Error::Internal(e.to_string()))??
+            .map_err(|e| Error::Internal(e.to_string()))?
         };
+        let carried_title = carried_title?;
         let title = if !new.title.trim().is_empty() {
             new.title.trim().to_owned()
         } else if let Some(title) = carried_title {

@@ -6,6 +6,7 @@ pub mod blobs;
 pub mod catalog;
 pub mod chunk;
 pub mod downstream;
+pub mod encryption;
 pub mod error;
 pub mod extract;
 pub mod grpc;
@@ -55,6 +56,12 @@ pub struct Config {
     /// How often originals and temp files that no document points at are removed.
     #[arg(long, env = "SMARTDB_INGEST_GC_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub gc_interval: Duration,
+    /// Encrypts originals at rest with the keys in this file: one base64-encoded 32-byte key
+    /// per line (e.g. `openssl rand -base64 32`), the first for new originals, the others to
+    /// read older ones (rotation: add the new key on top and restart). Originals stored before
+    /// encryption was turned on stay readable. Off when unset.
+    #[arg(long, env = "SMARTDB_INGEST_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
     /// Test-only fault injection: a document whose text contains this string crashes the
     /// process while it is parsed.
     #[arg(long, env = "SMARTDB_TEST_CRASH_MARKER", hide = true)]
@@ -70,7 +77,15 @@ pub async fn serve(
     let limits = config.server.limits.clone();
     limits.validate()?;
     let store = store::Store::open(&data_dir.join("catalog.db"))?;
-    let blobs = blobs::BlobStore::open(&data_dir.join("originals"))?;
+    let keys = match &config.encryption_key_file {
+        Some(path) => {
+            let keys = encryption::Keyring::load(path)?;
+            tracing::info!(key = %keys.current_id(), "originals are encrypted at rest");
+            Some(keys)
+        }
+        None => None,
+    };
+    let blobs = blobs::BlobStore::open(&data_dir.join("originals"), keys)?;
     let clients = config.server.client_settings();
     let downstream = Arc::new(downstream::Downstream::new(
         Client::connect("embed-svc", &config.embed_addr, &clients).await?,

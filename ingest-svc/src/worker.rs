@@ -457,7 +457,7 @@ async fn publish(catalog: &Catalog, ctx: &CallContext, doc: &Document) -> Result
 /// The text embedded for `chunk`: the document's title and the chunk's heading path, each on a
 /// line of its own, then the chunk, leaving out what the chunk already starts with (a title
 /// taken from the text's first line, a section's own heading).
-fn embedded_text(title: &str, chunk: &Chunk) -> String {
+pub fn embedded_text(title: &str, chunk: &Chunk) -> String {
     let first_line = chunk.text.lines().next().unwrap_or("");
     let mut headings = chunk.headings.as_slice();
     if let Some((last, outer)) = headings.split_last()
@@ -653,7 +653,7 @@ mod in_flight {
         ));
         let catalog = Arc::new(Catalog::new(
             store::Store::open(&dir.path().join("catalog.db")).unwrap(),
-            BlobStore::open(&dir.path().join("originals")).unwrap(),
+            BlobStore::open(&dir.path().join("originals"), None).unwrap(),
             downstream,
             limits,
             JobSettings {

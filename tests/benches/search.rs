@@ -38,26 +38,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn cpu_features() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut found = Vec::new();
-        macro_rules! probe {
-            ($($f:tt),*) => {$(
-                if std::arch::is_x86_feature_detected!($f) {
-                    found.push($f);
-                }
-            )*};
-        }
-        probe!("avx2", "fma", "avx512f", "avx512bw", "avx512bf16");
-        found.join(" ")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        std::env::consts::ARCH.to_owned()
-    }
-}
-
 /// Latencies of one variant.
 struct Stats {
     p50: Duration,
@@ -449,7 +429,7 @@ async fn main() {
     let seconds: u64 = env_or("SMARTDB_BENCH_SECONDS", 5);
     println!(
         "search bench: cpu features [{}], {} cores, scales {scales:?}, {n} uncached searches per mode and path, {n_cached} cached, throughput {clients} clients x {seconds} s",
-        cpu_features(),
+        common::cpu_features(),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     let corpus = common::scifact();

@@ -32,29 +32,6 @@ fn data(bytes: &[u8]) -> pb::UploadDocumentRequest {
     }
 }
 
-async fn list_all(cluster: &Cluster, kb: &str, page_size: u32) -> Vec<Vec<pb::Document>> {
-    let mut pages = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = cluster
-            .docs()
-            .await
-            .list_documents(pb::ListDocumentsRequest {
-                knowledge_base: kb.to_owned(),
-                page_size,
-                page_token: token,
-            })
-            .await
-            .unwrap_or_else(|s| panic!("list page {}: {s:?}", pages.len()))
-            .into_inner();
-        pages.push(page.documents);
-        if page.next_page_token.is_empty() {
-            return pages;
-        }
-        token = page.next_page_token;
-    }
-}
-
 /// Defect 0: text is text. Every SciFact abstract is accepted by IngestText (4 of them used to
 /// be refused as BMP images or LLVM bitcode), and those that start like a file signature are
 /// accepted as plain text by UploadDocument too.
@@ -282,7 +259,7 @@ async fn fields_are_bounded_and_the_largest_valid_answers_fit() {
         .await
         .unwrap();
     }
-    let pages = list_all(&cluster, "big", 100).await;
+    let pages = common::list_pages(&cluster, "big", 100).await;
     assert!(pages.len() >= 2, "one page of {} documents", pages[0].len());
     assert_eq!(pages.iter().map(Vec::len).sum::<usize>(), 61);
 }
@@ -624,7 +601,7 @@ async fn an_aborted_upload_stores_nothing() {
         client.wait().unwrap();
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pages = list_all(&cluster, "kb", 100).await;
+    let pages = common::list_pages(&cluster, "kb", 100).await;
     assert!(pages.concat().is_empty(), "stored: {:?}", pages.concat());
     // The aborted uploads' temp files go as their handlers unwind (slower on a busy machine).
     let originals = cluster.data_dir.path().join("ingest/originals");

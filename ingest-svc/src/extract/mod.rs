@@ -212,7 +212,7 @@ pub fn looks_like_markdown(text: &str) -> bool {
 /// formats need nothing more than [`sniff`]; HTML's title comes from its first bytes.
 pub fn inspect(
     content_type: ContentType,
-    path: &std::path::Path,
+    read: impl FnOnce() -> Result<Vec<u8>>,
     prefix: &[u8],
     limits: &Limits,
 ) -> Result<Option<String>> {
@@ -221,13 +221,13 @@ pub fn inspect(
         ContentType::Plain | ContentType::Markdown => Ok(None),
         ContentType::Html => Ok(html::title(&String::from_utf8_lossy(prefix))),
         ContentType::Pdf => {
-            let bytes = std::fs::read(path)?;
+            let bytes = read()?;
             pdf::inspect(&bytes, limits.pdf_pages)
                 .map(|(_, title)| title)
                 .map_err(invalid)
         }
         ContentType::Docx => {
-            let bytes = std::fs::read(path)?;
+            let bytes = read()?;
             docx::inspect(&bytes, docx_bounds(limits)).map_err(invalid)
         }
     }

@@ -186,6 +186,18 @@ impl Cluster {
         }
     }
 
+    /// Stops the cluster (SIGTERM, as an operator would) and hands back its data directory,
+    /// e.g. to start the next release or another configuration on it.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "smartdb up stopped with {status}:\n{}",
+            self.log()
+        );
+        std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("temp dir"))
+    }
+
     /// A channel to the gateway.
     pub async fn channel(&self) -> Channel {
         connect(&self.gateway).await
@@ -262,6 +274,51 @@ pub async fn upload(
         .upload_document(tokio_stream::iter(messages))
         .await
         .map(|r| r.into_inner())
+}
+
+/// Every document of `kb`, page by page (`page_size` per page).
+pub async fn list_pages(cluster: &Cluster, kb: &str, page_size: u32) -> Vec<Vec<pb::Document>> {
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = cluster
+            .docs()
+            .await
+            .list_documents(pb::ListDocumentsRequest {
+                knowledge_base: kb.to_owned(),
+                page_size,
+                page_token: token,
+            })
+            .await
+            .unwrap_or_else(|s| panic!("list page {}: {s:?}", pages.len()))
+            .into_inner();
+        pages.push(page.documents);
+        if page.next_page_token.is_empty() {
+            return pages;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// The CPU features the benchmarks print (the fast paths they pick depend on them).
+pub fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut found = Vec::new();
+        macro_rules! probe {
+            ($($f:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($f) {
+                    found.push($f);
+                }
+            )*};
+        }
+        probe!("avx2", "fma", "avx512f", "avx512bw", "avx512bf16");
+        found.join(" ")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_owned()
+    }
 }
 
 /// Creates knowledge base `name` through the gateway.

@@ -1,0 +1,227 @@
+//! Ingest throughput: end-to-end ingest of a real corpus through the public API (documents/s,
+//! chunks/s) against the raw throughput of embed-svc on exactly the same chunk texts, in the
+//! same run on the same cluster; then a re-ingest of the same corpus into a new knowledge base,
+//! counting the model's inputs (the embedding cache should leave none).
+//!
+//! ```sh
+//! cargo build -p smartdb-cli -p smartdb-tests --benches      # or --release for both
+//! SMARTDB_BENCH_DOCS=2000 target/debug/deps/ingest-<hash> --bench
+//! ```
+//!
+//! Pipeline efficiency = ingest chunks/s ÷ raw embed-svc chunks/s (goal ≥ 0.9): the model is
+//! the bottleneck, so everything ingest-svc adds (upload, parse, chunk, batching, index writes,
+//! bookkeeping) shows as the gap. The raw run feeds embed-svc batches of 32 texts from as many
+//! concurrent callers as ingest-svc has workers; embed-svc is restarted between the runs so
+//! neither is served by the other's cache.
+//!
+//! Env: `SMARTDB_BENCH_DOCS` (SciFact abstracts, default 2000), `SMARTDB_BIN` (the `smartdb`
+//! binary, default the one built next to this bench).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cluster, create_kb, eventually, health};
+use smartdb_ingest::chunk::Chunker;
+use smartdb_ingest::extract::ContentType;
+use smartdb_proto::v1 as pb;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// Workers of ingest-svc (its default) and callers of the raw run.
+const WORKERS: usize = 2;
+const BATCH: usize = smartdb_ingest::downstream::EMBED_BATCH;
+
+/// A counter of embed-svc's Prometheus output, summed over its labels.
+async fn embed_counter(cluster: &Cluster, name: &str) -> f64 {
+    let body = common::http_get(&cluster.service("embed-svc").http, "/metrics").await;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Uploads every document (4 callers, `wait` off) and waits until all are INDEXED; returns the
+/// time from the first upload to the last document indexed, and the chunks written.
+async fn ingest_all(cluster: &Cluster, kb: &str, corpus: &[(String, String)]) -> (Duration, u64) {
+    let started = Instant::now();
+    let lanes = 4;
+    let mut tasks = Vec::new();
+    for lane in 0..lanes {
+        let docs: Vec<(String, String)> =
+            corpus.iter().skip(lane).step_by(lanes).cloned().collect();
+        let mut client = cluster.docs().await;
+        let kb = kb.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for (id, text) in docs {
+                client
+                    .ingest_text(pb::IngestTextRequest {
+                        knowledge_base: kb.clone(),
+                        title: format!("SciFact {id}"),
+                        text,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|s| panic!("upload {id}: {s:?}"));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let uploaded = started.elapsed();
+    loop {
+        let docs = common::list_pages(cluster, kb, 1000).await.concat();
+        assert_eq!(docs.len(), corpus.len());
+        let mut indexed = 0;
+        let mut chunks = 0u64;
+        for doc in &docs {
+            assert_ne!(doc.status, pb::DocumentStatus::Failed as i32, "{doc:?}");
+            if doc.status == pb::DocumentStatus::Indexed as i32 {
+                indexed += 1;
+                chunks += u64::from(doc.chunk_count);
+            }
+        }
+        if indexed == corpus.len() {
+            eprintln!("  uploads acknowledged after {uploaded:.1?}");
+            return (started.elapsed(), chunks);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return; // `cargo test --benches` builds and runs benches without --bench: nothing to do
+    }
+    let docs: usize = std::env::var("SMARTDB_BENCH_DOCS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let corpus: Vec<(String, String)> = common::scifact().into_iter().take(docs).collect();
+    println!(
+        "ingest bench: {} SciFact abstracts, smartdb {}, CPU features: {}, {} cores",
+        corpus.len(),
+        common::smartdb_bin().display(),
+        common::cpu_features(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let cluster = Cluster::start().await;
+    let embed_addr = cluster.service("embed-svc").grpc;
+    let mut embed =
+        pb::embed_service_client::EmbedServiceClient::new(common::connect(&embed_addr).await)
+            .max_decoding_message_size(64 << 20);
+
+    // The chunk texts ingest-svc will embed: its own chunker on the model's tokenizer.
+    let tokenizer = embed
+        .get_tokenizer(pb::GetTokenizerRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let chunker = Chunker::from_json(
+        &tokenizer.tokenizer_json,
+        tokenizer.max_input_tokens as usize,
+        smartdb_kit::limits::Limits::default().chunk_bytes,
+    )
+    .unwrap();
+    let mut texts = Vec::new();
+    for (id, text) in &corpus {
+        for chunk in chunker.split(text, ContentType::Plain, &[]) {
+            texts.push(smartdb_ingest::worker::embedded_text(
+                &format!("SciFact {id}"),
+                &chunk,
+            ));
+        }
+    }
+
+    // 1. Raw embed-svc: batches of 32, WORKERS callers.
+    let started = Instant::now();
+    let mut callers = Vec::new();
+    let batches: Vec<Vec<String>> = texts.chunks(BATCH).map(|b| b.to_vec()).collect();
+    for lane in 0..WORKERS {
+        let mine: Vec<Vec<String>> = batches
+            .iter()
+            .skip(lane)
+            .step_by(WORKERS)
+            .cloned()
+            .collect();
+        let mut embed = embed.clone();
+        callers.push(tokio::spawn(async move {
+            for batch in mine {
+                let n = batch.len();
+                let response = embed
+                    .embed(pb::EmbedRequest {
+                        texts: batch,
+                        kind: pb::InputKind::Document as i32,
+                        model: String::new(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(response.embeddings.len(), n);
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let raw = started.elapsed();
+    let raw_rate = texts.len() as f64 / raw.as_secs_f64();
+    println!(
+        "raw embed-svc:    {} chunks in {:.1} s = {:.1} chunks/s",
+        texts.len(),
+        raw.as_secs_f64(),
+        raw_rate
+    );
+
+    // A fresh embed-svc (empty cache) for the ingest run.
+    let pid = cluster.service("embed-svc").pid.expect("pid");
+    common::signal(pid, libc::SIGKILL);
+    eventually(Duration::from_secs(120), "embed-svc back", || {
+        let (cluster, addr) = (&cluster, embed_addr.clone());
+        async move {
+            let info = cluster.service("embed-svc");
+            (info.pid.is_some_and(|p| p != pid)
+                && health(&addr, "").await == Some(ServingStatus::Serving))
+            .then_some(())
+        }
+    })
+    .await;
+
+    // 2. End-to-end ingest.
+    create_kb(&cluster, "bench").await;
+    let inputs_before = embed_counter(&cluster, "embed_model_inputs_total").await;
+    let (took, chunks) = ingest_all(&cluster, "bench", &corpus).await;
+    let inputs = embed_counter(&cluster, "embed_model_inputs_total").await - inputs_before;
+    let rate = chunks as f64 / took.as_secs_f64();
+    println!(
+        "ingest:           {} documents, {chunks} chunks in {:.1} s = {:.1} documents/s, {:.1} chunks/s ({inputs} model inputs)",
+        corpus.len(),
+        took.as_secs_f64(),
+        corpus.len() as f64 / took.as_secs_f64(),
+        rate
+    );
+    assert_eq!(
+        chunks,
+        texts.len() as u64,
+        "ingest made other chunks than the raw run"
+    );
+    println!(
+        "pipeline efficiency: {:.2} (ingest chunks/s ÷ raw embed-svc chunks/s; goal ≥ 0.9)",
+        rate / raw_rate
+    );
+
+    // 3. The same corpus into a new knowledge base: the embedding cache answers.
+    create_kb(&cluster, "again").await;
+    let inputs_before = embed_counter(&cluster, "embed_model_inputs_total").await;
+    let hits_before = embed_counter(&cluster, "embed_cache_hits_total").await;
+    let (took, chunks) = ingest_all(&cluster, "again", &corpus).await;
+    let inputs = embed_counter(&cluster, "embed_model_inputs_total").await - inputs_before;
+    let hits = embed_counter(&cluster, "embed_cache_hits_total").await - hits_before;
+    println!(
+        "re-ingest:        {chunks} chunks in {:.1} s = {:.1} chunks/s; model inputs {inputs} (goal 0), cache hits {hits}",
+        took.as_secs_f64(),
+        chunks as f64 / took.as_secs_f64()
+    );
+}
