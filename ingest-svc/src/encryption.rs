@@ -48,6 +48,15 @@ pub struct Keyring {
     keys: HashMap<KeyId, [u8; 32]>,
 }
 
+impl Drop for Keyring {
+    // Key material does not outlive its keyring in freed memory.
+    fn drop(&mut self) {
+        for key in self.keys.values_mut() {
+            zeroize::Zeroize::zeroize(key);
+        }
+    }
+}
+
 impl std::fmt::Debug for Keyring {
     // Keys never reach a log line: only their ids.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,12 +90,12 @@ impl Keyring {
     /// Reads a key file: one base64 key of 32 bytes per line (blank lines and `#` comments
     /// ignored), the first encrypting new originals. Errors name the file and line, never a key.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
             anyhow::anyhow!(
                 "cannot read the encryption key file {}: {e}",
                 path.display()
             )
-        })?;
+        })?);
         let mut keys = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -101,18 +110,22 @@ impl Keyring {
                     n + 1
                 )
             };
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(line)
-                .map_err(|_| bad("not base64"))?;
-            let key: [u8; 32] = bytes
+            let bytes = zeroize::Zeroizing::new(
+                base64::engine::general_purpose::STANDARD
+                    .decode(line)
+                    .map_err(|_| bad("not base64"))?,
+            );
+            let key: [u8; 32] = bytes[..]
                 .try_into()
-                .map_err(|b: Vec<u8>| bad(&format!("a key of {} bytes, not 32", b.len())))?;
+                .map_err(|_| bad(&format!("a key of {} bytes, not 32", bytes.len())))?;
             keys.push(key);
         }
         if keys.is_empty() {
             anyhow::bail!("encryption key file {} holds no key", path.display());
         }
-        Ok(Self::new(&keys)?)
+        let keyring = Self::new(&keys);
+        keys.iter_mut().for_each(zeroize::Zeroize::zeroize);
+        Ok(keyring?)
     }
 
     /// Id (hex) of the key new originals are encrypted with.
