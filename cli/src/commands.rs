@@ -68,19 +68,52 @@ pub struct SearchArgs {
     raw: bool,
 }
 
-pub(crate) async fn connect(addr: &str) -> anyhow::Result<Channel> {
+/// The API key the user commands send, set once by `main`.
+static API_KEY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Sets the API key for every later [`connect`].
+pub(crate) fn use_api_key(key: Option<String>) {
+    let _ = API_KEY.set(key);
+}
+
+/// The API key to send: `--api-key` / `SMARTDB_API_KEY`, else the local cluster's
+/// `<data-dir>/admin.key` written by `smartdb up`.
+pub(crate) fn api_key(flag: Option<String>) -> anyhow::Result<Option<String>> {
+    if let Some(key) = flag.filter(|k| !k.trim().is_empty()) {
+        return Ok(Some(key.trim().to_owned()));
+    }
+    let file = smartdb_kit::config::default_data_dir().join(crate::up::ADMIN_KEY_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(key) => Ok(Some(key.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", file.display())),
+    }
+}
+
+/// A channel to the gateway that sends the API key.
+pub(crate) type Gateway = smartdb_kit::bearer::Authed;
+
+pub(crate) async fn connect(addr: &str) -> anyhow::Result<Gateway> {
     let endpoint =
         Channel::from_shared(addr.to_owned()).with_context(|| format!("invalid address {addr}"))?;
-    endpoint
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
         .with_context(|| {
             format!("cannot reach the smartdb gateway at {addr} (is `smartdb up` running?)")
-        })
+        })?;
+    smartdb_kit::bearer::authed(channel, API_KEY.get().cloned().flatten().as_deref())
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
+    if status.code() == tonic::Code::Unauthenticated {
+        return anyhow::anyhow!(
+            "Unauthenticated: {} (pass --api-key or set SMARTDB_API_KEY; `smartdb up` writes an admin key to <data-dir>/{})",
+            status.message(),
+            crate::up::ADMIN_KEY_FILE
+        );
+    }
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
@@ -178,7 +211,7 @@ fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 async fn upload(
-    client: &mut pb::document_service_client::DocumentServiceClient<Channel>,
+    client: &mut pb::document_service_client::DocumentServiceClient<Gateway>,
     kb: &str,
     path: &Path,
     replace: bool,

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 use smartdb_proto::v1 as pb;
-use tonic::transport::Channel;
 
 /// Arguments of `smartdb eval`.
 #[derive(clap::Args)]
@@ -278,7 +277,7 @@ pub async fn run(addr: &str, args: EvalArgs) -> anyhow::Result<()> {
 
 /// Loads the corpus and waits until every document is indexed.
 async fn load(
-    docs: &pb::document_service_client::DocumentServiceClient<Channel>,
+    docs: &pb::document_service_client::DocumentServiceClient<crate::commands::Gateway>,
     kb: &str,
     args: &EvalArgs,
 ) -> anyhow::Result<()> {

@@ -22,6 +22,10 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     addr: String,
+    /// API key for the user commands (sent as `authorization: Bearer <key>`); default: the
+    /// local cluster's admin key in `<data-dir>/admin.key`, written by `smartdb up`.
+    #[arg(long, global = true, env = "SMARTDB_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,6 +70,16 @@ enum Service {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let shutdown = smartdb_kit::shutdown::signal_received;
+    if matches!(
+        cli.command,
+        Command::Kb { .. }
+            | Command::Ingest(_)
+            | Command::Search(_)
+            | Command::Status
+            | Command::Eval(_)
+    ) {
+        commands::use_api_key(commands::api_key(cli.api_key.clone())?);
+    }
     match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Serve { service } => match service {

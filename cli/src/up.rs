@@ -97,8 +97,48 @@ const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 struct Spec {
     name: &'static str,
     args: Vec<String>,
+    /// Extra environment (secrets go here, never in `args`, which `ps` shows).
+    env: Vec<(&'static str, String)>,
     grpc: SocketAddr,
     http: SocketAddr,
+}
+
+/// File in the data directory holding the local cluster's admin API key.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+/// The admin key of the cluster in `data_dir`: `SMARTDB_ADMIN_KEY` if set (nothing is written),
+/// else the one in `<data_dir>/admin.key`, made (random, mode 0600) on the first start.
+/// Returns the key and the file it is in, if any.
+fn admin_key(data_dir: &Path) -> anyhow::Result<(String, Option<PathBuf>)> {
+    if let Some(key) = std::env::var("SMARTDB_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
+        return Ok((key.trim().to_owned(), None));
+    }
+    let path = data_dir.join(ADMIN_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(key) if !key.trim().is_empty() => return Ok((key.trim().to_owned(), Some(path))),
+        Ok(_) => anyhow::bail!(
+            "{} is empty: delete it to make a new admin key",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    }
+    let key = smartdb_gateway::edge::keys::generate().key;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    writeln!(file, "{key}")
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok((key, Some(path)))
 }
 
 /// What `smartdb up` writes to `<data dir>/cluster.json`: addresses and current child pids.
@@ -214,6 +254,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .context("cannot obtain the embedding model")?;
     }
 
+    let (admin_key, admin_key_file) = admin_key(&data_dir)?;
     let data = |sub: &str| data_dir.join(sub).display().to_string();
     let embed_args = vec![
         "embed".into(),
@@ -223,6 +264,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut specs = vec![Spec {
         name: "embed-svc",
         args: embed_args.clone(),
+        env: Vec::new(),
         grpc: embed,
         http: ports.http_addr(internal, embed.port(), args.embed_port, off)?,
     }];
@@ -231,6 +273,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             // A handful of names for the life of the process.
             name: Box::leak(format!("embed-svc-{}", i + 2).into_boxed_str()),
             args: embed_args.clone(),
+            env: Vec::new(),
             grpc: *grpc,
             http: *http,
         });
@@ -245,6 +288,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--embed-addr".into(),
                 embed_addrs.clone(),
             ],
+            env: Vec::new(),
             grpc: search,
             http: ports.http_addr(internal, search.port(), args.search_port, off)?,
         },
@@ -259,6 +303,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--search-addr".into(),
                 search.to_string(),
             ],
+            env: Vec::new(),
             grpc: ingest,
             http: ports.http_addr(internal, ingest.port(), args.ingest_port, off)?,
         },
@@ -272,7 +317,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 search.to_string(),
                 "--embed-addr".into(),
                 embed_addrs.clone(),
+                "--data-dir".into(),
+                data("gateway"),
             ],
+            env: vec![("SMARTDB_ADMIN_KEY", admin_key.clone())],
             grpc: gateway,
             http: ports.http_addr(h, gateway.port(), args.gateway_port, off)?,
         },
@@ -333,7 +381,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         stop_all(supervisors).await?;
         return Err(err);
     }
-    print_ready(gateway, &data_dir, &specs);
+    print_ready(gateway, &data_dir, admin_key_file.as_deref(), &specs);
     // Once ready, a crash-looping service is reported (it keeps being restarted, slowly) and
     // the rest of the cluster keeps serving.
     tokio::spawn(async move { while crash_rx.recv().await.is_some() {} });
@@ -385,6 +433,7 @@ fn spawn_child(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
         .arg(spec.grpc.to_string())
         .arg("--http-listen")
         .arg(spec.http.to_string())
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -597,7 +646,7 @@ async fn wait_ready(specs: &[Spec]) -> anyhow::Result<()> {
     }
 }
 
-fn print_ready(gateway: SocketAddr, data_dir: &Path, specs: &[Spec]) {
+fn print_ready(gateway: SocketAddr, data_dir: &Path, key_file: Option<&Path>, specs: &[Spec]) {
     let g = gateway.to_string();
     let mut services = String::new();
     for spec in specs {
@@ -606,13 +655,27 @@ fn print_ready(gateway: SocketAddr, data_dir: &Path, specs: &[Spec]) {
             spec.name, spec.grpc, spec.http
         ));
     }
+    let (key_line, key) = match key_file {
+        Some(file) => (
+            format!(
+                "admin API key in {} (the smartdb commands use it)",
+                file.display()
+            ),
+            format!("$(cat {})", file.display()),
+        ),
+        None => (
+            "admin API key from SMARTDB_ADMIN_KEY".to_owned(),
+            "$SMARTDB_ADMIN_KEY".to_owned(),
+        ),
+    };
+    let h = format!("-H \"authorization: Bearer {key}\"");
     println!(
-        "\nsmartdb is ready: gateway on {g} (data in {})\n{services}
+        "\nsmartdb is ready: gateway on {g} (data in {}; {key_line})\n{services}
 Try it:
   grpcurl -plaintext {g} list
-  grpcurl -plaintext -d '{{\"name\": \"notes\"}}' {g} smartdb.v1.KnowledgeBaseService/CreateKnowledgeBase
-  grpcurl -plaintext -d '{{\"knowledge_base\": \"notes\", \"text\": \"The mitochondria is the powerhouse of the cell.\", \"wait\": true}}' {g} smartdb.v1.DocumentService/IngestText
-  grpcurl -plaintext -d '{{\"knowledge_base\": \"notes\", \"query\": \"what produces energy in cells?\"}}' {g} smartdb.v1.SearchService/Search
+  grpcurl -plaintext {h} -d '{{\"name\": \"notes\"}}' {g} smartdb.v1.KnowledgeBaseService/CreateKnowledgeBase
+  grpcurl -plaintext {h} -d '{{\"knowledge_base\": \"notes\", \"text\": \"The mitochondria is the powerhouse of the cell.\", \"wait\": true}}' {g} smartdb.v1.DocumentService/IngestText
+  grpcurl -plaintext {h} -d '{{\"knowledge_base\": \"notes\", \"query\": \"what produces energy in cells?\"}}' {g} smartdb.v1.SearchService/Search
   smartdb status
 Press Ctrl-C to stop.",
         data_dir.display()

@@ -8,11 +8,15 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use smartdb_kit::client::{ChannelOptions, Downstream as Client, channel};
 use smartdb_kit::server::Health;
 use smartdb_proto::v1 as pb;
+
+use crate::edge::Edge;
+use crate::edge::store::{AuditFilter, AuditRecord, KeyRecord, Role, TenantRecord};
+use crate::error::Error;
 use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -33,16 +37,24 @@ pub struct Downstream {
     serves: &'static [&'static str],
     /// Plain channels to each replica, for health checks of that very replica.
     channels: Mutex<HashMap<String, Channel>>,
+    /// How those channels connect (TLS).
+    options: ChannelOptions,
 }
 
 impl Downstream {
     /// A downstream called `name`, reached through `client`, owning the public services `serves`.
-    pub fn new(name: &'static str, client: Client, serves: &'static [&'static str]) -> Self {
+    pub fn new(
+        name: &'static str,
+        client: Client,
+        serves: &'static [&'static str],
+        options: ChannelOptions,
+    ) -> Self {
         Self {
             name,
             client,
             serves,
             channels: Mutex::default(),
+            options,
         }
     }
 
@@ -51,7 +63,7 @@ impl Downstream {
         if let Some(channel) = channels.get(addr) {
             return Some(channel.clone());
         }
-        let channel = channel(addr, &ChannelOptions::default()).ok()?;
+        let channel = channel(addr, &self.options).ok()?;
         channels.insert(addr.to_owned(), channel.clone());
         Some(channel)
     }
@@ -227,39 +239,280 @@ async fn watch(channel: Channel, serving: Arc<AtomicBool>, changed: Arc<Notify>)
     }
 }
 
-/// `AdminService`.
+/// `AdminService`: cluster health, tenants, API keys and the audit log. Thin: the edge does
+/// the work.
 pub struct Admin {
     downstreams: Arc<Downstreams>,
+    edge: Arc<Edge>,
 }
 
 impl Admin {
-    /// Reports on `downstreams`.
-    pub fn new(downstreams: Arc<Downstreams>) -> Self {
-        Self { downstreams }
+    /// Reports on `downstreams` and manages identities through `edge`.
+    pub fn new(downstreams: Arc<Downstreams>, edge: Arc<Edge>) -> Self {
+        Self { downstreams, edge }
     }
+
+    /// Admits the call to `method` (of AdminService), runs `f`, and records it in the audit
+    /// log with `detail`.
+    async fn run<T, R, F>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        detail: impl FnOnce(&T) -> String,
+        f: impl FnOnce(T) -> F,
+    ) -> Result<Response<R>, Status>
+    where
+        F: Future<Output = crate::error::Result<R>>,
+    {
+        let admitted = self.edge.admit(&request, &admin_path(method)).await?;
+        let message = request.into_inner();
+        let detail = detail(&message);
+        let result = f(message).await.map_err(Status::from);
+        self.edge.audit_call(&admitted, detail, &result);
+        result.map(Response::new)
+    }
+}
+
+/// Full path of an AdminService method.
+fn admin_path(method: &str) -> String {
+    format!("/{}/{method}", smartdb_proto::names::ADMIN)
+}
+
+fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(time)
+}
+
+fn role_to_pb(role: Role) -> pb::Role {
+    match role {
+        Role::Reader => pb::Role::Reader,
+        Role::Writer => pb::Role::Writer,
+        Role::Admin => pb::Role::Admin,
+    }
+}
+
+fn tenant_to_pb(t: TenantRecord) -> pb::Tenant {
+    pb::Tenant {
+        name: t.name,
+        create_time: Some(timestamp(t.create_time)),
+    }
+}
+
+fn key_to_pb(k: KeyRecord) -> pb::ApiKey {
+    pb::ApiKey {
+        id: k.id,
+        tenant: k.tenant,
+        role: role_to_pb(k.role) as i32,
+        label: k.label,
+        create_time: Some(timestamp(k.create_time)),
+        expire_time: k.expire_time.map(timestamp),
+        revoke_time: k.revoke_time.map(timestamp),
+    }
+}
+
+fn audit_to_pb(e: AuditRecord) -> pb::AuditEvent {
+    pb::AuditEvent {
+        time: e.time.map(timestamp),
+        action: e.action,
+        outcome: e.outcome,
+        key_id: e.key_id,
+        tenant: e.tenant,
+        peer: e.peer,
+        method: e.method,
+        detail: e.detail,
+    }
+}
+
+fn nonempty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
 }
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for Admin {
     async fn get_cluster_status(
         &self,
-        _request: Request<pb::GetClusterStatusRequest>,
+        request: Request<pb::GetClusterStatusRequest>,
     ) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
-        let mut services = vec![pb::ServiceStatus {
-            name: "gateway".to_owned(),
-            address: String::new(),
-            health: pb::ServiceHealth::Serving as i32,
-            detail: String::new(),
-            latency_ms: 0,
-        }];
-        services.extend(self.downstreams.check_all().await);
-        let healthy = services
-            .iter()
-            .all(|s| s.health == pb::ServiceHealth::Serving as i32);
-        Ok(Response::new(pb::GetClusterStatusResponse {
-            services,
-            healthy,
-            version: smartdb_kit::VERSION.to_owned(),
+        let downstreams = self.downstreams.clone();
+        self.run(
+            "GetClusterStatus",
+            request,
+            |_| String::new(),
+            |_| async move {
+                let mut services = vec![pb::ServiceStatus {
+                    name: "gateway".to_owned(),
+                    address: String::new(),
+                    health: pb::ServiceHealth::Serving as i32,
+                    detail: String::new(),
+                    latency_ms: 0,
+                }];
+                services.extend(downstreams.check_all().await);
+                let healthy = services
+                    .iter()
+                    .all(|s| s.health == pb::ServiceHealth::Serving as i32);
+                Ok(pb::GetClusterStatusResponse {
+                    services,
+                    healthy,
+                    version: smartdb_kit::VERSION.to_owned(),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        let edge = self.edge.clone();
+        self.run(
+            "CreateTenant",
+            request,
+            |r| format!("tenant {}", smartdb_kit::limits::truncate(&r.name, 80)),
+            |r| async move {
+                let tenant = edge.create_tenant(&r.name).await?;
+                Ok(pb::CreateTenantResponse {
+                    tenant: Some(tenant_to_pb(tenant)),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let edge = self.edge.clone();
+        self.run(
+            "ListTenants",
+            request,
+            |_| String::new(),
+            |r| async move {
+                let page = edge.list_tenants(r.page_size, &r.page_token).await?;
+                Ok(pb::ListTenantsResponse {
+                    tenants: page.items.into_iter().map(tenant_to_pb).collect(),
+                    next_page_token: page.next,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let edge = self.edge.clone();
+        let detail = |r: &pb::CreateApiKeyRequest| {
+            format!(
+                "tenant {}, role {}",
+                smartdb_kit::limits::truncate(&r.tenant, 80),
+                r.role().as_str_name()
+            )
+        };
+        let admitted = self
+            .edge
+            .admit(&request, &admin_path("CreateApiKey"))
+            .await?;
+        let message = request.into_inner();
+        let mut detail = detail(&message);
+        let result = async {
+            let role = match message.role() {
+                pb::Role::Reader => Role::Reader,
+                pb::Role::Writer => Role::Writer,
+                pb::Role::Admin => Role::Admin,
+                pb::Role::Unspecified => {
+                    return Err(Error::invalid("role", "must be READER, WRITER or ADMIN"));
+                }
+            };
+            let ttl = (message.ttl_seconds > 0).then(|| Duration::from_secs(message.ttl_seconds));
+            edge.create_key(&message.tenant, role, &message.label, ttl)
+                .await
+        }
+        .await;
+        // The new key's id goes to the audit log; the key itself never does.
+        if let Ok((_, record)) = &result {
+            detail = format!("{detail}, key {}", record.id);
+        }
+        let result = result.map_err(Status::from);
+        self.edge.audit_call(&admitted, detail, &result);
+        let (key, record) = result?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            key,
+            api_key: Some(key_to_pb(record)),
         }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let edge = self.edge.clone();
+        self.run(
+            "ListApiKeys",
+            request,
+            |_| String::new(),
+            |r| async move {
+                let page = edge
+                    .list_keys(&r.tenant, r.page_size, &r.page_token)
+                    .await?;
+                Ok(pb::ListApiKeysResponse {
+                    api_keys: page.items.into_iter().map(key_to_pb).collect(),
+                    next_page_token: page.next,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let edge = self.edge.clone();
+        self.run(
+            "RevokeApiKey",
+            request,
+            |r| format!("key {}", smartdb_kit::limits::truncate(&r.id, 40)),
+            |r| async move {
+                let key = edge.revoke_key(&r.id).await?;
+                Ok(pb::RevokeApiKeyResponse {
+                    api_key: Some(key_to_pb(key)),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let edge = self.edge.clone();
+        self.run(
+            "ListAuditEvents",
+            request,
+            |_| String::new(),
+            |r| async move {
+                let filter = AuditFilter {
+                    action: nonempty(r.action),
+                    tenant: nonempty(r.tenant),
+                    key_id: nonempty(r.key_id),
+                    since: r
+                        .since
+                        .map(|t| {
+                            SystemTime::try_from(t)
+                                .map_err(|_| Error::invalid("since", "not a valid time"))
+                        })
+                        .transpose()?,
+                };
+                let page = edge.list_audit(&filter, r.page_size, &r.page_token).await?;
+                Ok(pb::ListAuditEventsResponse {
+                    events: page.items.into_iter().map(audit_to_pb).collect(),
+                    next_page_token: page.next,
+                })
+            },
+        )
+        .await
     }
 }

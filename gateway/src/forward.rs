@@ -1,28 +1,61 @@
-//! Forwarding public calls to the service that owns the data, with the caller's context
-//! (tenant, deadline, request id) and nothing the caller could forge.
+//! Forwarding public calls to the service that owns the data, once the edge let them in, with
+//! the caller's context (tenant, deadline, request id) and nothing the caller could forge.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use smartdb_kit::client::{Balancer, Downstream, Rpc};
-use smartdb_kit::context::{CallContext, strip_internal};
 use smartdb_kit::limits::Limits;
 use smartdb_proto::v1 as pb;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
 
-/// Builds the context of a call entering the cluster: internal metadata is dropped, so the
-/// tenant is the one the gateway decides (the default tenant until authentication exists).
-pub fn edge_context<T>(request: &Request<T>) -> CallContext {
-    let mut metadata = request.metadata().clone();
-    strip_internal(&mut metadata);
-    CallContext::from_metadata(&metadata)
+use crate::edge::Edge;
+use crate::validate::Validate;
+
+/// What the audit log says about a request (never its content or a secret).
+trait Described {
+    /// Names what the call is about, e.g. the knowledge base and document.
+    fn detail(&self) -> String {
+        String::new()
+    }
 }
+
+fn short(text: &str) -> &str {
+    smartdb_kit::limits::truncate(text, 80)
+}
+
+impl Described for pb::DeleteKnowledgeBaseRequest {
+    fn detail(&self) -> String {
+        format!("knowledge base {}", short(&self.name))
+    }
+}
+
+impl Described for pb::DeleteDocumentRequest {
+    fn detail(&self) -> String {
+        format!(
+            "knowledge base {}, document {}",
+            short(&self.knowledge_base),
+            short(&self.document_id)
+        )
+    }
+}
+
+impl Described for pb::CreateKnowledgeBaseRequest {}
+impl Described for pb::GetKnowledgeBaseRequest {}
+impl Described for pb::ListKnowledgeBasesRequest {}
+impl Described for pb::GetDocumentRequest {}
+impl Described for pb::ListDocumentsRequest {}
+impl Described for pb::RetryDocumentRequest {}
+impl Described for pb::SearchRequest {}
 
 /// Clients of the owning services (through the shared client stack).
 #[derive(Clone)]
 pub struct Forward {
+    edge: Arc<Edge>,
+    limits: Arc<Limits>,
     ingest: Downstream,
     search: Downstream,
     upload_timeout: Duration,
@@ -33,9 +66,12 @@ type DocClient = pb::document_service_client::DocumentServiceClient<Balancer>;
 type SearchClient = pb::search_service_client::SearchServiceClient<Balancer>;
 
 impl Forward {
-    /// Forwarder to ingest-svc and search-svc, with the upload deadline from `limits`.
-    pub fn new(ingest: Downstream, search: Downstream, limits: &Limits) -> Self {
+    /// Forwarder to ingest-svc and search-svc of calls `edge` admits, with the upload deadline
+    /// from `limits`.
+    pub fn new(edge: Arc<Edge>, ingest: Downstream, search: Downstream, limits: &Limits) -> Self {
         Self {
+            edge,
+            limits: Arc::new(limits.clone()),
             ingest,
             search,
             upload_timeout: limits.upload_deadline,
@@ -66,6 +102,8 @@ fn search_client(channel: Balancer, max: usize) -> SearchClient {
 /// truncated file): it stays pending and reports the failure, and the gateway then drops the
 /// downstream call, which resets its stream, so nothing is stored.
 struct Relay {
+    /// The header, read (and checked) before the relay started.
+    first: Option<pb::UploadDocumentRequest>,
     incoming: Streaming<pb::UploadDocumentRequest>,
     failed: Option<oneshot::Sender<Status>>,
 }
@@ -76,6 +114,9 @@ impl tokio_stream::Stream for Relay {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.failed.is_none() {
             return Poll::Pending;
+        }
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(first));
         }
         match Pin::new(&mut self.incoming).poll_next(cx) {
             Poll::Ready(Some(Ok(message))) => Poll::Ready(Some(message)),
@@ -91,22 +132,28 @@ impl tokio_stream::Stream for Relay {
     }
 }
 
-/// Forwards a unary call to `$downstream` through the client stack (`$rpc` says whether it may
-/// be retried), with the caller's context.
+/// Admits a unary call to `$path` at the edge and checks it, then forwards it to `$downstream`
+/// through the client stack (`$rpc` says whether it may be retried) with the caller's context,
+/// and audits it if its RPC is audited.
 macro_rules! unary {
-    ($self:ident, $downstream:ident, $client:ident, $method:ident, $rpc:expr, $request:ident) => {{
-        let ctx = edge_context(&$request);
+    ($self:ident, $path:literal, $downstream:ident, $client:ident, $method:ident, $rpc:expr, $request:ident) => {{
+        let admitted = $self.edge.admit(&$request, $path).await?;
         let max = $self.$downstream.max_message_bytes();
-        $self
+        let message = $request.into_inner();
+        message.validate(&$self.limits).map_err(Status::from)?;
+        let detail = if admitted.policy.audit.is_some() {
+            Described::detail(&message)
+        } else {
+            String::new()
+        };
+        let result = $self
             .$downstream
-            .call(
-                &ctx,
-                $rpc,
-                $request.into_inner(),
-                move |ch, req| async move { $client(ch, max).$method(req).await },
-            )
-            .await
-            .map(Response::new)
+            .call(&admitted.ctx, $rpc, message, move |ch, req| async move {
+                $client(ch, max).$method(req).await
+            })
+            .await;
+        $self.edge.audit_call(&admitted, detail, &result);
+        result.map(Response::new)
     }};
 }
 
@@ -118,6 +165,7 @@ impl pb::knowledge_base_service_server::KnowledgeBaseService for Forward {
     ) -> Result<Response<pb::CreateKnowledgeBaseResponse>, Status> {
         unary!(
             self,
+            "/smartdb.v1.KnowledgeBaseService/CreateKnowledgeBase",
             ingest,
             kb_client,
             create_knowledge_base,
@@ -132,6 +180,7 @@ impl pb::knowledge_base_service_server::KnowledgeBaseService for Forward {
     ) -> Result<Response<pb::GetKnowledgeBaseResponse>, Status> {
         unary!(
             self,
+            "/smartdb.v1.KnowledgeBaseService/GetKnowledgeBase",
             ingest,
             kb_client,
             get_knowledge_base,
@@ -146,6 +195,7 @@ impl pb::knowledge_base_service_server::KnowledgeBaseService for Forward {
     ) -> Result<Response<pb::ListKnowledgeBasesResponse>, Status> {
         unary!(
             self,
+            "/smartdb.v1.KnowledgeBaseService/ListKnowledgeBases",
             ingest,
             kb_client,
             list_knowledge_bases,
@@ -160,6 +210,7 @@ impl pb::knowledge_base_service_server::KnowledgeBaseService for Forward {
     ) -> Result<Response<pb::DeleteKnowledgeBaseResponse>, Status> {
         unary!(
             self,
+            "/smartdb.v1.KnowledgeBaseService/DeleteKnowledgeBase",
             ingest,
             kb_client,
             delete_knowledge_base,
@@ -175,12 +226,26 @@ impl pb::document_service_server::DocumentService for Forward {
         &self,
         request: Request<Streaming<pb::UploadDocumentRequest>>,
     ) -> Result<Response<pb::UploadDocumentResponse>, Status> {
-        let ctx = edge_context(&request);
+        let ctx = self
+            .edge
+            .admit(&request, "/smartdb.v1.DocumentService/UploadDocument")
+            .await?
+            .ctx;
         // Pieces pass straight through (tonic pulls the next one when the last is sent), so
         // memory stays bounded; a client stream that breaks off aborts the downstream call.
+        let mut incoming = request.into_inner();
+        // The header is checked here; what follows it passes through unread.
+        let first = incoming.message().await?;
+        if let Some(pb::UploadDocumentRequest {
+            payload: Some(pb::upload_document_request::Payload::Header(header)),
+        }) = &first
+        {
+            header.validate(&self.limits).map_err(Status::from)?;
+        }
         let (failed_tx, failed_rx) = oneshot::channel::<Status>();
         let relay = Relay {
-            incoming: request.into_inner(),
+            first,
+            incoming,
             failed: Some(failed_tx),
         };
         let outgoing = ctx.request(relay, self.upload_timeout);
@@ -202,16 +267,22 @@ impl pb::document_service_server::DocumentService for Forward {
         request: Request<pb::IngestTextRequest>,
     ) -> Result<Response<pb::IngestTextResponse>, Status> {
         // Retrying is harmless: the same text in the same knowledge base is deduplicated.
-        let mut ctx = edge_context(&request);
+        let mut ctx = self
+            .edge
+            .admit(&request, "/smartdb.v1.DocumentService/IngestText")
+            .await?
+            .ctx;
         if ctx.deadline.is_none() {
             ctx.deadline = Some(std::time::Instant::now() + self.upload_timeout);
         }
         let max = self.ingest.max_message_bytes();
+        let message = request.into_inner();
+        message.validate(&self.limits).map_err(Status::from)?;
         self.ingest
             .call(
                 &ctx,
                 Rpc::idempotent("IngestText"),
-                request.into_inner(),
+                message,
                 move |ch, req| async move { doc_client(ch, max).ingest_text(req).await },
             )
             .await
@@ -224,6 +295,7 @@ impl pb::document_service_server::DocumentService for Forward {
     ) -> Result<Response<pb::GetDocumentResponse>, Status> {
         unary!(
             self,
+            "/smartdb.v1.DocumentService/GetDocument",
             ingest,
             doc_client,
             get_document,
@@ -238,6 +310,7 @@ impl pb::document_service_server::DocumentService for Forward {
     ) -> Result<Response<pb::ListDocumentsResponse>, Status> {
         unary!(
             self,
+            "/smartdb.v1.DocumentService/ListDocuments",
             ingest,
             doc_client,
             list_documents,
@@ -252,6 +325,7 @@ impl pb::document_service_server::DocumentService for Forward {
     ) -> Result<Response<pb::DeleteDocumentResponse>, Status> {
         unary!(
             self,
+            "/smartdb.v1.DocumentService/DeleteDocument",
             ingest,
             doc_client,
             delete_document,
@@ -266,6 +340,7 @@ impl pb::document_service_server::DocumentService for Forward {
     ) -> Result<Response<pb::RetryDocumentResponse>, Status> {
         unary!(
             self,
+            "/smartdb.v1.DocumentService/RetryDocument",
             ingest,
             doc_client,
             retry_document,
@@ -283,28 +358,12 @@ impl pb::search_service_server::SearchService for Forward {
     ) -> Result<Response<pb::SearchResponse>, Status> {
         unary!(
             self,
+            "/smartdb.v1.SearchService/Search",
             search,
             search_client,
             search,
             Rpc::idempotent("Search"),
             request
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn callers_cannot_choose_their_tenant() {
-        let mut request = Request::new(());
-        request
-            .metadata_mut()
-            .insert("x-smartdb-tenant", "someone-else".parse().unwrap());
-        assert_eq!(
-            edge_context(&request).tenant,
-            smartdb_kit::context::DEFAULT_TENANT
-        );
     }
 }

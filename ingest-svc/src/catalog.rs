@@ -611,28 +611,9 @@ impl Catalog {
     }
 }
 
-/// Knowledge base names: 1–63 of `a-z 0-9 - _`, starting with a letter or digit.
+/// Knowledge base names: the rule is shared with the gateway (`limits::check_kb_name`).
 fn validate_kb_name(field: &str, name: &str) -> Result<()> {
-    if name.is_empty() {
-        return Err(Error::invalid(field, "is required"));
-    }
-    let ok_first = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let ok_rest = name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if name.len() > limits::KB_NAME_BYTES || !ok_first || !ok_rest {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "{:?} is not a valid name: use 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or digit",
-                limits::truncate(name, 80)
-            ),
-        ));
-    }
-    Ok(())
+    limits::check_kb_name(name).map_err(|m| Error::invalid(field, m))
 }
 
 /// Upper bound of a document's encoded size in a response.

@@ -86,7 +86,7 @@ pub async fn serve(
         None => None,
     };
     let blobs = blobs::BlobStore::open(&data_dir.join("originals"), keys)?;
-    let clients = config.server.client_settings();
+    let clients = config.server.client_settings()?;
     let downstream = Arc::new(downstream::Downstream::new(
         Client::connect("embed-svc", &config.embed_addr, &clients).await?,
         Client::connect("search-svc", &config.search_addr, &clients).await?,

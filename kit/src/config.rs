@@ -27,6 +27,9 @@ pub struct ServerArgs {
     /// How this service calls the others.
     #[command(flatten)]
     pub client: ClientArgs,
+    /// TLS as a server and as a client of the others.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// How a service calls other smartdb services (see `kit::client`).
@@ -116,8 +119,11 @@ impl ClientArgs {
 
 impl ServerArgs {
     /// Settings of this service's clients of other services.
-    pub fn client_settings(&self) -> crate::client::ClientSettings {
-        self.client.settings(&self.limits)
+    pub fn client_settings(&self) -> anyhow::Result<crate::client::ClientSettings> {
+        Ok(crate::client::ClientSettings {
+            tls: self.tls.client()?,
+            ..self.client.settings(&self.limits)
+        })
     }
 
     /// Arguments for an in-process server on `listen` with no HTTP endpoint (tests, embedding).
@@ -129,6 +135,7 @@ impl ServerArgs {
             drain_timeout: Duration::from_secs(5),
             limits: crate::limits::Limits::default(),
             client: ClientArgs::default(),
+            tls: crate::tls::TlsArgs::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! setup and config helpers.
 
 pub mod admission;
+pub mod bearer;
 pub mod client;
 pub mod config;
 pub mod context;
@@ -14,6 +15,7 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 
 /// Version of smartdb, reported by health and status endpoints.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -396,6 +396,28 @@ impl Limits {
     }
 }
 
+/// Checks a knowledge base name: 1 to 63 of `a-z 0-9 - _`, starting with a letter or digit.
+/// The message says what is wrong (the caller names the field).
+pub fn check_kb_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is required".into());
+    }
+    let ok_first = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ok_rest = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if name.len() > KB_NAME_BYTES || !ok_first || !ok_rest {
+        return Err(format!(
+            "{:?} is not a valid name: use 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or digit",
+            truncate(name, 80)
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a text field's size; the message names the limit.
 pub fn check_len(value: &str, max: usize) -> Result<(), String> {
     if value.len() > max {

@@ -277,7 +277,7 @@ impl ServiceServer {
             &served,
         );
         let limits = &args.limits;
-        let server = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             // tonic leaves HTTP/2 streams per connection unlimited unless told.
@@ -285,13 +285,24 @@ impl ServiceServer {
             // Outermost first: metrics see the final outcome, including shed and expired calls.
             .layer(GrpcMetricsLayer::new(known))
             .layer(AdmissionLayer::new(limits))
-            .add_routes(self.routes.routes())
-            .serve_with_incoming_shutdown(
+            .add_routes(self.routes.routes());
+        let server: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match args.tls.acceptor()? {
+            Some(acceptor) => {
+                tracing::info!(service = self.name, "serving TLS");
+                Box::pin(router.serve_with_incoming_shutdown(
+                    crate::tls::incoming(listener, acceptor),
+                    on_stop,
+                ))
+            }
+            None => Box::pin(router.serve_with_incoming_shutdown(
                 // Server::tcp_nodelay only applies to sockets tonic binds itself; without it on
                 // our own listener, Nagle + delayed ACK add ~40 ms to every small response.
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 on_stop,
-            );
+            )),
+        };
 
         // In-flight calls get `drain_timeout` after the signal; then we stop waiting for them.
         let drain_deadline = async move {

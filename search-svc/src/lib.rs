@@ -111,7 +111,7 @@ pub async fn serve(
     let embed = Downstream::connect(
         "embed-svc",
         &config.embed_addr,
-        &config.server.client_settings(),
+        &config.server.client_settings()?,
     )
     .await?;
     let limits = config.server.limits.clone();

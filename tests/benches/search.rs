@@ -26,10 +26,9 @@ use std::time::{Duration, Instant};
 
 use common::Cluster;
 use smartdb_proto::v1 as pb;
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-type SearchClient = pb::search_service_client::SearchServiceClient<Channel>;
+type SearchClient = pb::search_service_client::SearchServiceClient<common::Gw>;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -367,6 +366,7 @@ async fn cached(
 /// Searches per second with `clients` concurrent callers for `seconds`.
 async fn throughput(
     addr: &str,
+    key: Option<&str>,
     kb: &str,
     queries: Arc<Queries>,
     fresh: bool,
@@ -378,7 +378,7 @@ async fn throughput(
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let mut client = SearchClient::new(common::connect(addr).await);
+        let mut client = SearchClient::new(common::gateway_channel(addr, key).await);
         let (kb, queries, done, fixed) =
             (kb.to_owned(), queries.clone(), done.clone(), fixed.clone());
         tasks.push(tokio::spawn(async move {
@@ -473,7 +473,7 @@ async fn main() {
     );
 
     let mut gateway = cluster.search().await;
-    let mut direct = SearchClient::new(common::connect(&search.grpc).await)
+    let mut direct = SearchClient::new(common::gateway_channel(&search.grpc, None).await)
         .max_decoding_message_size(common::MAX_MESSAGE);
     let mut points = 0u64;
     let mut sparse_nonzeros = 0u64;
@@ -551,6 +551,7 @@ async fn main() {
         for (what, fresh) in [("uncached hybrid", true), ("cached", false)] {
             let through = throughput(
                 &cluster.gateway,
+                Some(&cluster.admin_key),
                 &kb.name,
                 queries.clone(),
                 fresh,
@@ -560,6 +561,7 @@ async fn main() {
             .await;
             let straight = throughput(
                 &search.grpc,
+                None,
                 &kb.name,
                 queries.clone(),
                 fresh,

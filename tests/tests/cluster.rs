@@ -79,6 +79,7 @@ fn python_client(cluster: &Cluster, kb: &str, query: &str) -> String {
     let output = std::process::Command::new("python3")
         .arg(root.join("tests/python/client.py"))
         .args([cluster.gateway.as_str(), stubs.to_str().unwrap(), kb, query])
+        .env("SMARTDB_API_KEY", &cluster.admin_key)
         .output()
         .expect("run python client");
     assert!(
@@ -278,6 +279,7 @@ async fn cluster_end_to_end() {
 
     // grpcurl users see the offending field in the decoded google.rpc.BadRequest details.
     let out = std::process::Command::new("grpcurl")
+        .args(common::bearer_header(&cluster.admin_key))
         .args([
             "-plaintext",
             "-d",
@@ -366,6 +368,7 @@ async fn cluster_end_to_end() {
         let out = std::process::Command::new(common::smartdb_bin())
             .arg("--addr")
             .arg(&addr)
+            .env("SMARTDB_API_KEY", &cluster.admin_key)
             .args(args)
             .output()
             .unwrap();

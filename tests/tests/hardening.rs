@@ -567,7 +567,9 @@ async fn an_aborted_upload_stores_nothing() {
         // the stream's end. (An in-process client cannot do this deterministically: hyper keeps
         // sending a request body even after the call is dropped, and ends it normally.)
         let mut client = std::process::Command::new("grpcurl")
-            .args(["-plaintext", "-d", "@", &cluster.gateway])
+            .args(["-plaintext", "-d", "@"])
+            .args(common::bearer_header(&cluster.admin_key))
+            .arg(&cluster.gateway)
             .arg("smartdb.v1.DocumentService/UploadDocument")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())

@@ -36,15 +36,14 @@ impl Sample {
 /// `cached`, every other query repeats one earlier query (the result cache answers it); the
 /// others are new, so each needs embed-svc.
 async fn search_load(
-    gateway: String,
+    channel: common::Gw,
     kb: &'static str,
     cached: bool,
     deadline: Duration,
     stop: Arc<AtomicBool>,
 ) -> Vec<Sample> {
-    let mut client =
-        pb::search_service_client::SearchServiceClient::new(common::connect(&gateway).await)
-            .max_decoding_message_size(MAX_MESSAGE);
+    let mut client = pb::search_service_client::SearchServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE);
     let mut samples = Vec::new();
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -98,7 +97,7 @@ impl Load {
     async fn start(cluster: &Cluster, cached: bool, warm_up: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(search_load(
-            cluster.gateway.clone(),
+            cluster.channel().await,
             "kb",
             cached,
             Duration::from_secs(5),

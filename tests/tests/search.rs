@@ -320,9 +320,9 @@ async fn cache_never_hides_a_write(env: &[(&str, &str)]) {
     .unwrap();
     let writers = (0..2)
         .map(|w| {
-            let gateway = cluster.gateway.clone();
+            let (gateway, key) = (cluster.gateway.clone(), cluster.admin_key.clone());
             tokio::spawn(async move {
-                let channel = common::connect(&gateway).await;
+                let channel = common::gateway_channel(&gateway, Some(&key)).await;
                 let mut docs =
                     pb::document_service_client::DocumentServiceClient::new(channel.clone());
                 let mut search = pb::search_service_client::SearchServiceClient::new(channel);
@@ -356,9 +356,9 @@ async fn cache_never_hides_a_write(env: &[(&str, &str)]) {
         .collect::<Vec<_>>();
     let readers = (0..2)
         .map(|_| {
-            let gateway = cluster.gateway.clone();
+            let (gateway, key) = (cluster.gateway.clone(), cluster.admin_key.clone());
             tokio::spawn(async move {
-                let channel = common::connect(&gateway).await;
+                let channel = common::gateway_channel(&gateway, Some(&key)).await;
                 let mut search = pb::search_service_client::SearchServiceClient::new(channel);
                 let mut cached = 0;
                 let mut counts = HashSet::new();

@@ -60,6 +60,8 @@ pub struct ClientSettings {
     pub max_message_bytes: usize,
     /// Deadline of a call when the caller has none.
     pub default_timeout: Duration,
+    /// TLS for calls to other services (`https`), if configured.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for ClientSettings {
@@ -73,6 +75,7 @@ impl Default for ClientSettings {
             refresh: Duration::from_secs(5),
             max_message_bytes: crate::limits::Limits::default().message_bytes(),
             default_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -260,7 +263,12 @@ fn endpoint(
     settings: &ClientSettings,
 ) -> anyhow::Result<Arc<balance::Endpoint>> {
     let what: Arc<str> = format!("{downstream} at {}", addr.addr).into();
-    let mut endpoint = Endpoint::from_shared(format!("http://{}", addr.addr))
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", addr.addr))
         .map_err(|e| anyhow::anyhow!("invalid address of {downstream}: {e}"))?
         .connect_timeout(settings.connect_timeout)
         .tcp_nodelay(true)
@@ -270,10 +278,20 @@ fn endpoint(
     if let Some(host) = &addr.host {
         // Keep the configured name as the authority (virtual hosting, TLS names).
         endpoint = endpoint.origin(
-            format!("http://{host}:{}", addr.addr.port())
+            format!("{scheme}://{host}:{}", addr.addr.port())
                 .parse()
                 .map_err(|e| anyhow::anyhow!("invalid host of {downstream}: {e}"))?,
         );
+    }
+    if let Some(tls) = &settings.tls {
+        // The certificate is checked against the configured name, else the address.
+        let name = addr
+            .host
+            .clone()
+            .unwrap_or_else(|| addr.addr.ip().to_string());
+        endpoint = endpoint
+            .tls_config(tls.clone().domain_name(name))
+            .map_err(|e| anyhow::anyhow!("TLS to {downstream}: {e}"))?;
     }
     let channel: Channel = endpoint.connect_lazy();
     let breaker = Breaker::new(
@@ -366,12 +384,15 @@ pub(crate) fn request_timeout(request: &HttpRequest) -> Option<Duration> {
 pub struct ChannelOptions {
     /// How long to wait for a TCP connection.
     pub connect_timeout: Duration,
+    /// TLS, if the service at the address speaks it.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for ChannelOptions {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -379,18 +400,28 @@ impl Default for ChannelOptions {
 /// A lazily connecting plain channel to one address (`host:port` or a full `http://` URI),
 /// without the resilience layers: for probing one specific replica.
 pub fn channel(addr: &str, options: &ChannelOptions) -> anyhow::Result<Channel> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
+    let scheme = if options.tls.is_some() {
+        "https"
     } else {
-        format!("http://{addr}")
+        "http"
     };
-    let endpoint = Endpoint::from_shared(uri.clone())
+    let uri = match addr.split_once("://") {
+        Some((_, rest)) => format!("{scheme}://{rest}"),
+        None => format!("{scheme}://{addr}"),
+    };
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|e| anyhow::anyhow!("invalid service address {addr:?}: {e}"))?
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
+    if let Some(tls) = &options.tls {
+        let host = endpoint.uri().host().unwrap_or_default().to_owned();
+        endpoint = endpoint
+            .tls_config(tls.clone().domain_name(host))
+            .map_err(|e| anyhow::anyhow!("TLS to {addr}: {e}"))?;
+    }
     Ok(endpoint.connect_lazy())
 }
 

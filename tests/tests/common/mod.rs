@@ -38,11 +38,16 @@ pub fn smartdb_bin() -> PathBuf {
 /// 100 hits with maximal metadata, is larger than gRPC's 4 MiB default).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
+/// A channel to the gateway that sends an API key.
+pub type Gw = smartdb_kit::bearer::Authed;
+
 /// A running `smartdb up`, stopped when dropped.
 pub struct Cluster {
     child: Option<Child>,
     pub data_dir: tempfile::TempDir,
     pub gateway: String,
+    /// The cluster's admin API key (`SMARTDB_ADMIN_KEY` if the test set it, else `admin.key`).
+    pub admin_key: String,
 }
 
 /// A service as `cluster.json` describes it.
@@ -112,6 +117,7 @@ impl Cluster {
             child: Some(child),
             data_dir,
             gateway: String::new(),
+            admin_key: String::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -125,6 +131,13 @@ impl Cluster {
                     }
                 }
                 if all {
+                    cluster.admin_key = match env.iter().find(|(k, _)| *k == "SMARTDB_ADMIN_KEY") {
+                        Some((_, key)) => key.to_string(),
+                        None => std::fs::read_to_string(cluster.data_dir.path().join("admin.key"))
+                            .expect("smartdb up wrote admin.key")
+                            .trim()
+                            .to_owned(),
+                    };
                     return cluster;
                 }
             }
@@ -198,27 +211,29 @@ impl Cluster {
         std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("temp dir"))
     }
 
-    /// A channel to the gateway.
-    pub async fn channel(&self) -> Channel {
-        connect(&self.gateway).await
+    /// A channel to the gateway with the admin key.
+    pub async fn channel(&self) -> Gw {
+        gateway_channel(&self.gateway, Some(&self.admin_key)).await
     }
 
-    pub async fn kbs(
-        &self,
-    ) -> pb::knowledge_base_service_client::KnowledgeBaseServiceClient<Channel> {
+    pub async fn kbs(&self) -> pb::knowledge_base_service_client::KnowledgeBaseServiceClient<Gw> {
         pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(self.channel().await)
             .max_decoding_message_size(MAX_MESSAGE)
     }
 
-    pub async fn docs(&self) -> pb::document_service_client::DocumentServiceClient<Channel> {
+    pub async fn docs(&self) -> pb::document_service_client::DocumentServiceClient<Gw> {
         pb::document_service_client::DocumentServiceClient::new(self.channel().await)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    pub async fn search(&self) -> pb::search_service_client::SearchServiceClient<Channel> {
+    pub async fn search(&self) -> pb::search_service_client::SearchServiceClient<Gw> {
         pb::search_service_client::SearchServiceClient::new(self.channel().await)
             .max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    pub async fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Gw> {
+        pb::admin_service_client::AdminServiceClient::new(self.channel().await)
     }
 }
 
@@ -238,6 +253,72 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Another gateway process over a cluster's services (`smartdb serve gateway` on a free port),
+/// stopped when dropped.
+pub struct ExtraGateway {
+    child: Child,
+    /// Its gRPC address.
+    pub addr: String,
+}
+
+impl ExtraGateway {
+    /// Starts one over `cluster`'s services with extra flags and environment and waits until
+    /// it is SERVING.
+    pub async fn start(cluster: &Cluster, args: &[&str], env: &[(&str, &str)]) -> ExtraGateway {
+        let ingest = cluster.service("ingest-svc").grpc;
+        let search = cluster.service("search-svc").grpc;
+        let embed = cluster.service("embed-svc").grpc;
+        let mut all = vec![
+            "--ingest-addr",
+            &ingest,
+            "--search-addr",
+            &search,
+            "--embed-addr",
+            &embed,
+        ];
+        all.extend_from_slice(args);
+        let gateway = Self::spawn(&all, env);
+        let addr = gateway.addr.clone();
+        eventually(Duration::from_secs(60), "the extra gateway is SERVING", || {
+            let addr = addr.clone();
+            async move { (health(&addr, "").await == Some(ServingStatus::Serving)).then_some(()) }
+        })
+        .await;
+        gateway
+    }
+
+    /// Starts `smartdb serve gateway` with exactly these flags and environment on a free port,
+    /// without waiting.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> ExtraGateway {
+        Self::serve("gateway", args, env)
+    }
+
+    /// Starts `smartdb serve <service>` with these flags and environment on a free port,
+    /// without waiting.
+    pub fn serve(service: &str, args: &[&str], env: &[(&str, &str)]) -> ExtraGateway {
+        let port = smartdb_kit::server::free_port().unwrap();
+        let http = smartdb_kit::server::free_port().unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(smartdb_bin())
+            .args(["serve", service, "--listen", &addr])
+            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .args(args)
+            .env("SMARTDB_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start a service");
+        ExtraGateway { child, addr }
+    }
+}
+
+impl Drop for ExtraGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -418,6 +499,16 @@ pub async fn search(
 }
 
 /// A connected channel to `addr` (`host:port`).
+/// A channel to the gateway at `addr` sending `key` (none if `None`).
+pub async fn gateway_channel(addr: &str, key: Option<&str>) -> Gw {
+    smartdb_kit::bearer::authed(connect(addr).await, key).expect("valid key")
+}
+
+/// The `-H authorization: Bearer …` arguments for grpcurl.
+pub fn bearer_header(key: &str) -> [String; 2] {
+    ["-H".to_owned(), format!("authorization: Bearer {key}")]
+}
+
 pub async fn connect(addr: &str) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("address")

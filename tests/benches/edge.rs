@@ -1,0 +1,108 @@
+//! Cost of the edge (authentication, tenant, role, rate limits) per call: cached searches
+//! through two gateways over the same search-svc in the same run, one with the edge on (the
+//! cluster's own, called with an API key) and one started with `--no-auth`, alternating call
+//! by call so both see the same machine state.
+//!
+//! ```sh
+//! cargo build -p smartdb-cli -p smartdb-tests --benches      # or --release for both
+//! target/debug/deps/edge-<hash> --bench
+//! ```
+//!
+//! Goal (issue 11): at most 50 µs added at p50, and cached search through the gateway with the
+//! edge on still at most 0.5 ms at p50. Env: `SMARTDB_BENCH_CALLS` (per gateway, default
+//! 5000), `SMARTDB_BIN`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cluster, create_kb, ingest_text};
+use smartdb_proto::v1 as pb;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let calls: usize = std::env::var("SMARTDB_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    println!("edge bench: CPU {}", common::cpu_features());
+    let cluster = Cluster::start().await;
+    create_kb(&cluster, "notes").await;
+    for text in [
+        "Tides follow the moon's pull on the oceans.",
+        "Bees dance to tell the hive where flowers are.",
+        "Volcanic glass forms when lava cools too fast to crystallize.",
+    ] {
+        ingest_text(&cluster, "notes", text, true)
+            .await
+            .expect("ingest");
+    }
+
+    // A second gateway over the same services, with the edge off.
+    let store = tempfile::tempdir().unwrap();
+    let data_dir = store.path().display().to_string();
+    let open =
+        common::ExtraGateway::start(&cluster, &["--no-auth", "--data-dir", &data_dir], &[]).await;
+
+    let request = pb::SearchRequest {
+        knowledge_base: "notes".into(),
+        query: "what pulls the oceans?".into(),
+        ..Default::default()
+    };
+    let mut on = cluster.search().await;
+    let mut off = pb::search_service_client::SearchServiceClient::new(
+        common::gateway_channel(&open.addr, None).await,
+    );
+    // Warm both paths (and the result cache) first.
+    for _ in 0..200 {
+        on.search(request.clone()).await.unwrap();
+        off.search(request.clone()).await.unwrap();
+    }
+    let (mut with_edge, mut without) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    for i in 0..2 * calls {
+        let started = Instant::now();
+        let response = if i % 2 == 0 {
+            on.search(request.clone()).await
+        } else {
+            off.search(request.clone()).await
+        }
+        .expect("search")
+        .into_inner();
+        let took = started.elapsed();
+        assert!(response.cached, "a repeated query was not cached");
+        if i % 2 == 0 {
+            with_edge.push(took);
+        } else {
+            without.push(took);
+        }
+    }
+    with_edge.sort();
+    without.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let (on50, off50) = (percentile(&with_edge, 0.5), percentile(&without, 0.5));
+    println!("  {calls} cached searches per gateway, alternating call by call");
+    println!(
+        "  edge on : p50 {:>7.1} µs  p99 {:>7.1} µs",
+        us(on50),
+        us(percentile(&with_edge, 0.99))
+    );
+    println!(
+        "  edge off: p50 {:>7.1} µs  p99 {:>7.1} µs",
+        us(off50),
+        us(percentile(&without, 0.99))
+    );
+    println!(
+        "  added by the edge at p50: {:.1} µs (goal <= 50 µs); edge-on p50 {:.3} ms (goal <= 0.5 ms)",
+        us(on50) - us(off50),
+        us(on50) / 1e3
+    );
+    drop(open);
+}
