@@ -140,18 +140,23 @@ macro_rules! unary {
         let admitted = $self.edge.admit(&$request, $path).await?;
         let max = $self.$downstream.max_message_bytes();
         let message = $request.into_inner();
-        message.validate(&$self.limits).map_err(Status::from)?;
         let detail = if admitted.policy.audit.is_some() {
             Described::detail(&message)
         } else {
             String::new()
         };
-        let result = $self
-            .$downstream
-            .call(&admitted.ctx, $rpc, message, move |ch, req| async move {
-                $client(ch, max).$method(req).await
-            })
-            .await;
+        // A refused request is audited like a failed one.
+        let result = match message.validate(&$self.limits) {
+            Err(error) => Err(Status::from(error)),
+            Ok(()) => {
+                $self
+                    .$downstream
+                    .call(&admitted.ctx, $rpc, message, move |ch, req| async move {
+                        $client(ch, max).$method(req).await
+                    })
+                    .await
+            }
+        };
         $self.edge.audit_call(&admitted, detail, &result);
         result.map(Response::new)
     }};
