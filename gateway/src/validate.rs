@@ -141,16 +141,7 @@ impl Validate for pb::SearchRequest {
             ));
         }
         metadata(limits, "filter", self.filter.iter())?;
-        if let Some(id) = self
-            .document_ids
-            .iter()
-            .find(|id| id.len() > limits::ID_BYTES)
-        {
-            return Err(Error::invalid(
-                "document_ids",
-                format!("an id is {} bytes, at most {}", id.len(), limits::ID_BYTES),
-            ));
-        }
+        limits::check_ids(&self.document_ids).map_err(|m| Error::invalid("document_ids", m))?;
         len("page_token", &self.page_token, limits::ERROR_BYTES)
     }
 }

@@ -418,6 +418,14 @@ pub fn check_kb_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that every id in a list (e.g. a search's `document_ids`) fits [`ID_BYTES`].
+pub fn check_ids(ids: &[String]) -> Result<(), String> {
+    match ids.iter().find(|id| id.len() > ID_BYTES) {
+        Some(id) => Err(format!("an id is {} bytes, at most {ID_BYTES}", id.len())),
+        None => Ok(()),
+    }
+}
+
 /// Checks a text field's size; the message names the limit.
 pub fn check_len(value: &str, max: usize) -> Result<(), String> {
     if value.len() > max {

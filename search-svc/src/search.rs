@@ -145,16 +145,7 @@ impl SearchQuery {
                 ),
             ));
         }
-        if let Some(id) = request
-            .document_ids
-            .iter()
-            .find(|id| id.len() > limits::ID_BYTES)
-        {
-            return Err(Error::invalid(
-                "document_ids",
-                format!("an id is {} bytes, at most {}", id.len(), limits::ID_BYTES),
-            ));
-        }
+        limits::check_ids(&request.document_ids).map_err(|m| Error::invalid("document_ids", m))?;
         let mode = match pb::SearchMode::try_from(request.mode) {
             Ok(pb::SearchMode::Unspecified | pb::SearchMode::Hybrid) => Mode::Hybrid,
             Ok(pb::SearchMode::Dense) => Mode::Dense,

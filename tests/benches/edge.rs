@@ -50,7 +50,7 @@ async fn main() {
     let store = tempfile::tempdir().unwrap();
     let data_dir = store.path().display().to_string();
     let open =
-        common::ExtraGateway::start(&cluster, &["--no-auth", "--data-dir", &data_dir], &[]).await;
+        common::ExtraService::start(&cluster, &["--no-auth", "--data-dir", &data_dir], &[]).await;
 
     let request = pb::SearchRequest {
         knowledge_base: "notes".into(),

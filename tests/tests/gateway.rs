@@ -904,7 +904,7 @@ async fn two_gateways_share_limits_through_redis() {
         .to_string();
     let mut env2 = env.to_vec();
     env2.push(("SMARTDB_ADMIN_KEY", &cluster.admin_key));
-    let second = common::ExtraGateway::start(&cluster, &["--data-dir", &store], &env2).await;
+    let second = common::ExtraService::start(&cluster, &["--data-dir", &store], &env2).await;
     let (abuser, _) = make_key(&cluster, "acme", pb::Role::Reader, 0).await;
     let (polite, _) = make_key(&cluster, "acme", pb::Role::Reader, 0).await;
     let (writer, _) = make_key(&cluster, "acme", pb::Role::Writer, 0).await;

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Cluster, ExtraGateway, eventually};
+use common::{Cluster, ExtraService, eventually};
 use smartdb_proto::v1 as pb;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -171,7 +171,7 @@ async fn the_gateway_serves_tls_and_reloads_its_certificate() {
     let ingest = cluster.service("ingest-svc").grpc;
     let search = cluster.service("search-svc").grpc;
     let embed = cluster.service("embed-svc").grpc;
-    let gateway = ExtraGateway::spawn(
+    let gateway = ExtraService::spawn(
         &[
             "--ingest-addr",
             &ingest,
@@ -258,7 +258,7 @@ async fn internal_hops_can_use_mutual_tls() {
     let path = |p: &PathBuf| p.to_str().unwrap().to_owned();
 
     // embed-svc serving mutual TLS: it wants a client certificate from the CA.
-    let embed = ExtraGateway::serve(
+    let embed = ExtraService::serve(
         "embed",
         &[
             "--tls-cert",
@@ -330,7 +330,7 @@ async fn internal_hops_can_use_mutual_tls() {
             let data = tempfile::tempdir().unwrap();
             args.extend(["--data-dir".into(), data.path().display().to_string()]);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let gateway = ExtraGateway::spawn(&args, &[("SMARTDB_ADMIN_KEY", admin_key)]);
+            let gateway = ExtraService::spawn(&args, &[("SMARTDB_ADMIN_KEY", admin_key)]);
             let gw = gateway.addr.clone();
             eventually(Duration::from_secs(30), "the gateway answers", || {
                 let gw = gw.clone();

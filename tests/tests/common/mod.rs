@@ -256,18 +256,18 @@ impl Drop for Cluster {
     }
 }
 
-/// Another gateway process over a cluster's services (`smartdb serve gateway` on a free port),
-/// stopped when dropped.
-pub struct ExtraGateway {
+/// A service process started on its own (`smartdb serve <service>` on a free port), e.g. a
+/// second gateway over a cluster's services; stopped when dropped.
+pub struct ExtraService {
     child: Child,
     /// Its gRPC address.
     pub addr: String,
 }
 
-impl ExtraGateway {
+impl ExtraService {
     /// Starts one over `cluster`'s services with extra flags and environment and waits until
     /// it is SERVING.
-    pub async fn start(cluster: &Cluster, args: &[&str], env: &[(&str, &str)]) -> ExtraGateway {
+    pub async fn start(cluster: &Cluster, args: &[&str], env: &[(&str, &str)]) -> ExtraService {
         let ingest = cluster.service("ingest-svc").grpc;
         let search = cluster.service("search-svc").grpc;
         let embed = cluster.service("embed-svc").grpc;
@@ -292,13 +292,13 @@ impl ExtraGateway {
 
     /// Starts `smartdb serve gateway` with exactly these flags and environment on a free port,
     /// without waiting.
-    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> ExtraGateway {
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> ExtraService {
         Self::serve("gateway", args, env)
     }
 
     /// Starts `smartdb serve <service>` with these flags and environment on a free port,
     /// without waiting.
-    pub fn serve(service: &str, args: &[&str], env: &[(&str, &str)]) -> ExtraGateway {
+    pub fn serve(service: &str, args: &[&str], env: &[(&str, &str)]) -> ExtraService {
         let port = smartdb_kit::server::free_port().unwrap();
         let http = smartdb_kit::server::free_port().unwrap();
         let addr = format!("127.0.0.1:{port}");
@@ -311,11 +311,11 @@ impl ExtraGateway {
             .stdin(Stdio::null())
             .spawn()
             .expect("start a service");
-        ExtraGateway { child, addr }
+        ExtraService { child, addr }
     }
 }
 
-impl Drop for ExtraGateway {
+impl Drop for ExtraService {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
