@@ -84,19 +84,19 @@ async fn main() -> anyhow::Result<()> {
         Command::Up(args) => up::run(args).await,
         Command::Serve { service } => match service {
             Service::Gateway(c) => {
-                smartdb_kit::telemetry::init(c.server.log_json);
+                let _telemetry = smartdb_kit::telemetry::init("gateway", c.server.log_json);
                 smartdb_gateway::serve(*c, shutdown()).await
             }
             Service::Search(c) => {
-                smartdb_kit::telemetry::init(c.server.log_json);
+                let _telemetry = smartdb_kit::telemetry::init("search-svc", c.server.log_json);
                 smartdb_search::serve(*c, shutdown()).await
             }
             Service::Ingest(c) => {
-                smartdb_kit::telemetry::init(c.server.log_json);
+                let _telemetry = smartdb_kit::telemetry::init("ingest-svc", c.server.log_json);
                 smartdb_ingest::serve(*c, shutdown()).await
             }
             Service::Embed(c) => {
-                smartdb_kit::telemetry::init(c.server.log_json);
+                let _telemetry = smartdb_kit::telemetry::init("embed-svc", c.server.log_json);
                 smartdb_embed::serve(*c, shutdown()).await
             }
         },

@@ -206,7 +206,7 @@ impl Ports {
 
 /// Runs the cluster until Ctrl-C or SIGTERM.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    smartdb_kit::telemetry::init(false);
+    smartdb_kit::telemetry::init_logs(false);
     let data_dir = args
         .data_dir
         .clone()

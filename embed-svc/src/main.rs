@@ -16,6 +16,6 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    smartdb_kit::telemetry::init(cli.config.server.log_json);
+    let _telemetry = smartdb_kit::telemetry::init("embed-svc", cli.config.server.log_json);
     smartdb_embed::serve(cli.config, smartdb_kit::shutdown::signal_received()).await
 }

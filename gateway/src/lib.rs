@@ -56,6 +56,12 @@ pub struct EdgeArgs {
     /// `<SMARTDB_DATA_DIR>/gateway`.
     #[arg(long = "data-dir", env = "SMARTDB_GATEWAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Keep tenants, keys and the audit log in MongoDB instead of the SQLite file in
+    /// `--data-dir`, e.g. `mongodb://db-0,db-1,db-2/smartdb?replicaSet=rs0`: what every gateway
+    /// replica must share. The database is the URI's, else `smartdb`; the collections are
+    /// `gateway.*`.
+    #[arg(long, env = "SMARTDB_GATEWAY_MONGODB_URI", hide_env_values = true)]
+    pub mongodb_uri: Option<String>,
     /// An admin API key accepted in addition to stored keys (acting for tenant `default`),
     /// to bootstrap the first tenants and keys. `smartdb up` sets it from
     /// `<data-dir>/admin.key`.
@@ -109,9 +115,21 @@ pub struct EdgeArgs {
 impl EdgeArgs {
     /// Opens the store and builds the edge.
     async fn build(&self) -> anyhow::Result<Arc<edge::Edge>> {
-        let dir = smartdb_kit::config::service_data_dir(self.data_dir.as_ref(), "gateway")?;
-        let path = dir.join("edge.db");
-        let store = edge::store::sqlite::SqliteStore::open(&path)?;
+        let (store, place): (Arc<dyn edge::store::EdgeStore>, String) =
+            match self.mongodb_uri.as_deref().filter(|u| !u.trim().is_empty()) {
+                Some(uri) => (
+                    Arc::new(edge::store::mongo::MongoStore::open(uri).await?),
+                    // The URI may hold a password: name only what kind of store it is.
+                    "MongoDB".to_owned(),
+                ),
+                None => {
+                    let dir =
+                        smartdb_kit::config::service_data_dir(self.data_dir.as_ref(), "gateway")?;
+                    let path = dir.join("edge.db");
+                    let store = edge::store::sqlite::SqliteStore::open(&path)?;
+                    (Arc::new(store), path.display().to_string())
+                }
+            };
         let rates = edge::throttle::Rates::parse(&self.rates)
             .map_err(|e| anyhow::anyhow!("--rates / SMARTDB_GATEWAY_RATES: {e}"))?;
         let bootstrap = match self.admin_key.as_deref().map(str::trim) {
@@ -128,13 +146,10 @@ impl EdgeArgs {
                 "authentication and rate limits are OFF (--no-auth): every caller is an admin"
             );
         } else if bootstrap.is_none() {
-            tracing::info!(
-                "no SMARTDB_ADMIN_KEY: only API keys stored in {} are accepted",
-                path.display()
-            );
+            tracing::info!("no SMARTDB_ADMIN_KEY: only API keys stored in {place} are accepted");
         }
         edge::Edge::new(
-            Arc::new(store),
+            store,
             edge::EdgeSettings {
                 enabled: !self.no_auth,
                 bootstrap,
@@ -152,7 +167,7 @@ impl EdgeArgs {
             },
         )
         .await
-        .with_context(|| format!("gateway store {}", path.display()))
+        .with_context(|| format!("gateway store {place}"))
     }
 }
 

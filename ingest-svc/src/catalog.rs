@@ -402,7 +402,12 @@ impl Catalog {
         // The original is in place before the row that points at it is committed.
         writer.commit(&doc.id).await?;
         let row = doc.clone();
-        let inserted = self.store.call(move |c| store::insert_doc(c, &row)).await;
+        // The job continues this call's trace when it runs.
+        let trace = smartdb_kit::telemetry::save_trace();
+        let inserted = self
+            .store
+            .call(move |c| store::insert_doc_traced(c, &row, &trace))
+            .await;
         match inserted {
             Ok(Inserted::New(stored)) => {
                 if stored.id != doc.id {

@@ -152,6 +152,8 @@ pub struct Job {
     pub attempts: u32,
     /// Consecutive attempts that ended in a dependency outage (for backoff).
     pub outages: u32,
+    /// Trace context of the call that queued it (`traceparent`); empty if none.
+    pub trace: String,
 }
 
 /// Outcome of inserting a document.
@@ -249,6 +251,12 @@ ALTER TABLE documents ADD COLUMN source_id TEXT NOT NULL DEFAULT '';
 CREATE INDEX documents_by_source ON documents (kb_id, source_id) WHERE source_id != '';
 ";
 
+/// Version 4: a job keeps the trace context (`traceparent`) of the call that queued it, so its
+/// work shows in the same trace as the upload. Existing jobs have none.
+const SCHEMA_V4: &str = "
+ALTER TABLE jobs ADD COLUMN traceparent TEXT NOT NULL DEFAULT '';
+";
+
 /// The catalog's migrations, oldest first; the database's `user_version` says how many ran.
 /// Append, never edit: a released database has run the ones before.
 pub fn migrations() -> rusqlite_migration::Migrations<'static> {
@@ -257,6 +265,7 @@ pub fn migrations() -> rusqlite_migration::Migrations<'static> {
         M::up(SCHEMA_V1),
         M::up(SCHEMA_V2).foreign_key_check(),
         M::up(SCHEMA_V3),
+        M::up(SCHEMA_V4),
     ])
 }
 
@@ -536,6 +545,11 @@ pub fn existing_docs(conn: &Connection, ids: &[String]) -> Result<HashSet<String
 /// already in the knowledge base (and not on their way out: a copy being deleted does not
 /// count). A FAILED duplicate is queued again (one way users retry).
 pub fn insert_doc(conn: &mut Connection, doc: &Document) -> Result<Inserted> {
+    insert_doc_traced(conn, doc, "")
+}
+
+/// [`insert_doc`], with the trace context (`traceparent`) its job continues.
+pub fn insert_doc_traced(conn: &mut Connection, doc: &Document, trace: &str) -> Result<Inserted> {
     let tx = conn.transaction()?;
     let existing = tx
         .query_row(
@@ -578,8 +592,8 @@ pub fn insert_doc(conn: &mut Connection, doc: &Document) -> Result<Inserted> {
         ],
     )?;
     tx.execute(
-        "INSERT INTO jobs (document_id, kind, create_time) VALUES (?1, 'index', ?2)",
-        params![doc.id, doc.create_time],
+        "INSERT INTO jobs (document_id, kind, create_time, traceparent) VALUES (?1, 'index', ?2, ?3)",
+        params![doc.id, doc.create_time, trace],
     )?;
     tx.commit()?;
     Ok(Inserted::New(doc.clone()))
@@ -806,10 +820,10 @@ pub fn claim_job(
             "UPDATE jobs SET lease_token = ?2, lease_until = ?3, attempts = attempts + 1 WHERE document_id = ?1",
             params![document_id, token, now + lease_ms],
         )?;
-        let outages: u32 = tx.query_row(
-            "SELECT outages FROM jobs WHERE document_id = ?1",
+        let (outages, trace): (u32, String) = tx.query_row(
+            "SELECT outages, traceparent FROM jobs WHERE document_id = ?1",
             params![document_id],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         if kind == "index" {
             tx.execute(
@@ -828,6 +842,7 @@ pub fn claim_job(
             lease_token: token,
             attempts: attempts + 1,
             outages,
+            trace,
         }));
     }
 }
@@ -1239,7 +1254,7 @@ mod tests {
             .unwrap()
             .into_inner()
             .unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 3);
+        assert_eq!(schema_version(&conn).unwrap(), 4);
         let kb = find_kb(&conn, "default", "notes").unwrap().unwrap();
         assert!(kb.ready);
         assert_eq!(kb.document_count, 1);
@@ -1253,11 +1268,26 @@ mod tests {
         // The job survived the table rebuild (no cascade) and still runs.
         let job = claim_job(&mut conn, 1000, MAX, None).unwrap().unwrap();
         assert_eq!(job.document_id, "d1");
+        assert_eq!(
+            job.trace, "",
+            "jobs of older releases carry no trace context"
+        );
         // Reopening an up-to-date catalog changes nothing.
         drop(conn);
         let again = Store::open(&path).unwrap();
         let conn = again.conn.lock().unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 3);
+        assert_eq!(schema_version(&conn).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_job_carries_the_trace_context_of_the_call_that_queued_it() {
+        let (_d, mut conn) = store();
+        let k = kb("a");
+        insert_kb(&mut conn, &k);
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        insert_doc_traced(&mut conn, &doc(&k.id, "1"), parent).unwrap();
+        let job = claim_job(&mut conn, 1000, MAX, None).unwrap().unwrap();
+        assert_eq!(job.trace, parent);
     }
 
     #[test]

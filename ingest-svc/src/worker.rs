@@ -16,6 +16,7 @@ use smartdb_kit::context::CallContext;
 use smartdb_kit::limits::UPSERT_BATCH;
 use smartdb_proto::v1 as pb;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::chunk::Chunk;
@@ -129,8 +130,19 @@ async fn process(catalog: &Catalog, job: Job, mut stop: watch::Receiver<bool>) {
             }
         }
     };
+    let span = tracing::info_span!(
+        target: "smartdb::ingest",
+        "job",
+        otel.name = %format_args!("{:?} job", job.kind),
+        document = %job.document_id,
+        attempt = job.attempts,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(trace_id) = smartdb_kit::telemetry::continue_saved_trace(&span, &job.trace) {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
     let ended = tokio::select! {
-        result = work => Ended::Done(result),
+        result = work.instrument(span) => Ended::Done(result),
         () = keeper => Ended::LeaseLost,
         _ = stop.wait_for(|s| *s) => Ended::Stopped,
     };
@@ -153,6 +165,11 @@ async fn process(catalog: &Catalog, job: Job, mut stop: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// The span of one stage of a job (a child of the job's span).
+fn stage(name: &'static str) -> tracing::Span {
+    tracing::info_span!(target: "smartdb::ingest", "stage", otel.name = name)
 }
 
 /// A context for a job's downstream calls: no overall deadline (a large document may take
@@ -288,6 +305,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     let limits = catalog.limits().clone();
     let extracted =
         tokio::task::spawn_blocking(move || extract::extract(content_type, &bytes, &limits))
+            .instrument(stage("parse"))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
     let (text, split_as, page_starts) = (extracted.text, extracted.split_as, extracted.page_starts);
@@ -302,6 +320,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         .chunker(&ctx, &kb.embedding_model)
         .await?;
     let chunks = tokio::task::spawn_blocking(move || chunker.split(&text, split_as, &page_starts))
+        .instrument(stage("chunk"))
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;
     if chunks.is_empty() {
@@ -337,6 +356,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     let vectors = catalog
         .downstream
         .embed_documents(&ctx, &kb.embedding_model, &embedded)
+        .instrument(stage("embed"))
         .await?;
     drop(embedded);
     if !set_status(catalog, &doc.id, Status::Storing).await? {

@@ -97,6 +97,7 @@ impl CallContext {
         if let Ok(value) = MetadataValue::try_from(self.request_id.as_str()) {
             metadata.insert(REQUEST_ID_HEADER, value);
         }
+        crate::telemetry::inject(metadata);
         request
     }
 }
@@ -117,7 +118,8 @@ pub fn strip_internal(metadata: &mut MetadataMap) {
     }
 }
 
-fn new_request_id() -> String {
+/// A fresh request id.
+pub(crate) fn new_request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -15,6 +15,8 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 
 /// Version of smartdb, reported by health and status endpoints.

@@ -125,6 +125,11 @@ impl KnownMethods {
 /// `grpc_server_request_duration_seconds{service,method}` for every call, labelled only with
 /// known methods.
 ///
+/// Each call also runs in a server span (`rpc`, named `<service>/<method>`) that continues the
+/// caller's trace and carries the request id (one is made and added to the request when the
+/// caller sent none) and the trace id into every log line; health checks and reflection get no
+/// span, or every probe would be a trace.
+///
 /// The code is read from the response headers: tonic answers a failed unary call with a
 /// trailers-only response that carries `grpc-status` there, and a successful one without it.
 /// That is exact for unary and client-streaming calls, which is all smartdb's API has.
@@ -170,11 +175,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let (service, method) = self.known.labels(request.uri().path());
         let started = Instant::now();
-        let future = self.inner.call(request);
-        Box::pin(async move {
+        let span = server_span(&mut request);
+        let future = span.in_scope(|| self.inner.call(request));
+        let finished = span.clone();
+        let call = async move {
             let result = future.await;
             let code = match &result {
                 Ok(response) => response
@@ -193,9 +200,51 @@ where
             }
             ::metrics::histogram!("grpc_server_request_duration_seconds", "service" => service, "method" => method)
                 .record(started.elapsed().as_secs_f64());
+            finished.record("rpc.grpc.status_code", code);
+            if code != "Ok" {
+                finished.record("otel.status_code", "ERROR");
+            }
             result
-        })
+        };
+        Box::pin(tracing::Instrument::instrument(call, span))
     }
+}
+
+/// The span a served call runs in (see [`GrpcMetricsLayer`]).
+fn server_span<B>(request: &mut http::Request<B>) -> tracing::Span {
+    let path = request.uri().path();
+    if path.starts_with("/grpc.") {
+        return tracing::Span::none();
+    }
+    let name = path.trim_start_matches('/').to_owned();
+    let headers = request.headers_mut();
+    let request_id = match headers
+        .get(crate::context::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = crate::context::new_request_id();
+            if let Ok(value) = id.parse() {
+                headers.insert(crate::context::REQUEST_ID_HEADER, value);
+            }
+            id
+        }
+    };
+    let span = tracing::info_span!(
+        target: "smartdb::rpc",
+        "rpc",
+        otel.name = %name,
+        otel.kind = "server",
+        request_id = %request_id,
+        trace_id = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if let Some(trace_id) = crate::telemetry::continue_trace(&span, headers) {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
+    span
 }
 
 /// The label of a status code: a closed set of static names.

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use smartdb_kit::client::{Downstream, Rpc};
 use smartdb_kit::context::CallContext;
@@ -403,7 +404,9 @@ impl Searcher {
             version: self.versions.get(&collection.id).await,
             request: &request,
         };
-        if let Some(answer) = self.cache.get(&key).await {
+        let lookup =
+            tracing::info_span!(target: "smartdb::search", "cache", otel.name = "cache lookup");
+        if let Some(answer) = self.cache.get(&key).instrument(lookup).await {
             return Ok((answer, true));
         }
         // One more than asked, to know whether a next page exists.
@@ -439,56 +442,63 @@ impl Searcher {
             filter: filter.clone(),
             min_score: query.min_score,
         };
-        let (mut hits, mode, degraded) = match embedded {
-            None => (
-                self.index.search(&collection.id, leg(sparse())).await?,
-                Mode::Lexical,
-                None,
-            ),
-            Some(Err(err)) if err.is_degradable() => {
-                metrics::counter!("search_degraded_total", "reason" => err.reason_label())
-                    .increment(1);
-                let reason =
-                    format!("query embedding failed ({err}); ranked by keywords (BM25) only");
-                let hits = self.index.search(&collection.id, leg(sparse())).await?;
-                tracing::warn!(mode = ?query.mode, error = %err, "search degraded to lexical");
-                (hits, Mode::Lexical, Some(reason))
-            }
-            Some(Err(err)) => return Err(err),
-            Some(Ok(vector)) if query.mode == Mode::Dense => (
-                self.index
-                    .search(&collection.id, leg(QueryVector::Dense(vector)))
-                    .await?,
-                Mode::Dense,
-                None,
-            ),
-            Some(Ok(vector)) => {
-                let candidates = depth.max(self.fusion.candidates);
-                // The threshold applies to the fused score, not to either leg's.
-                let wide = |vector| LegQuery {
-                    vector,
-                    limit: candidates,
-                    filter: filter.clone(),
-                    min_score: None,
-                };
-                let (dense, lexical) = tokio::try_join!(
-                    self.index
-                        .search(&collection.id, wide(QueryVector::Dense(vector))),
-                    self.index.search(&collection.id, wide(sparse())),
-                )?;
-                let mut fused = fuse(
-                    vec![
-                        (dense, self.fusion.dense_weight),
-                        (lexical, self.fusion.lexical_weight),
-                    ],
-                    self.fusion.k,
-                );
-                if let Some(min) = query.min_score {
-                    fused.retain(|h| h.score >= min);
+        // The engine's part, in a span of its own (the query's embedding has its call span).
+        let engine =
+            tracing::info_span!(target: "smartdb::search", "engine", otel.name = "engine search");
+        let (mut hits, mode, degraded) = async {
+            Ok::<_, Error>(match embedded {
+                None => (
+                    self.index.search(&collection.id, leg(sparse())).await?,
+                    Mode::Lexical,
+                    None,
+                ),
+                Some(Err(err)) if err.is_degradable() => {
+                    metrics::counter!("search_degraded_total", "reason" => err.reason_label())
+                        .increment(1);
+                    let reason =
+                        format!("query embedding failed ({err}); ranked by keywords (BM25) only");
+                    let hits = self.index.search(&collection.id, leg(sparse())).await?;
+                    tracing::warn!(mode = ?query.mode, error = %err, "search degraded to lexical");
+                    (hits, Mode::Lexical, Some(reason))
                 }
-                (fused, Mode::Hybrid, None)
-            }
-        };
+                Some(Err(err)) => return Err(err),
+                Some(Ok(vector)) if query.mode == Mode::Dense => (
+                    self.index
+                        .search(&collection.id, leg(QueryVector::Dense(vector)))
+                        .await?,
+                    Mode::Dense,
+                    None,
+                ),
+                Some(Ok(vector)) => {
+                    let candidates = depth.max(self.fusion.candidates);
+                    // The threshold applies to the fused score, not to either leg's.
+                    let wide = |vector| LegQuery {
+                        vector,
+                        limit: candidates,
+                        filter: filter.clone(),
+                        min_score: None,
+                    };
+                    let (dense, lexical) = tokio::try_join!(
+                        self.index
+                            .search(&collection.id, wide(QueryVector::Dense(vector))),
+                        self.index.search(&collection.id, wide(sparse())),
+                    )?;
+                    let mut fused = fuse(
+                        vec![
+                            (dense, self.fusion.dense_weight),
+                            (lexical, self.fusion.lexical_weight),
+                        ],
+                        self.fusion.k,
+                    );
+                    if let Some(min) = query.min_score {
+                        fused.retain(|h| h.score >= min);
+                    }
+                    (fused, Mode::Hybrid, None)
+                }
+            })
+        }
+        .instrument(engine)
+        .await?;
         drop(visible);
         let more = hits.len() > query.offset + query.top_k;
         hits = hits

@@ -15,36 +15,17 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{Cluster, create_kb, ingest_text};
+use common::bench::{alternate_cached_searches, percentile, seeded_cluster, us};
 use smartdb_proto::v1 as pb;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 #[tokio::main]
 async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let calls: usize = std::env::var("SMARTDB_BENCH_CALLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5000);
+    let calls = common::bench::calls(5000);
     println!("edge bench: CPU {}", common::cpu_features());
-    let cluster = Cluster::start().await;
-    create_kb(&cluster, "notes").await;
-    for text in [
-        "Tides follow the moon's pull on the oceans.",
-        "Bees dance to tell the hive where flowers are.",
-        "Volcanic glass forms when lava cools too fast to crystallize.",
-    ] {
-        ingest_text(&cluster, "notes", text, true)
-            .await
-            .expect("ingest");
-    }
+    let cluster = seeded_cluster(&[]).await;
 
     // A second gateway over the same services, with the edge off.
     let store = tempfile::tempdir().unwrap();
@@ -52,41 +33,11 @@ async fn main() {
     let open =
         common::ExtraService::start(&cluster, &["--no-auth", "--data-dir", &data_dir], &[]).await;
 
-    let request = pb::SearchRequest {
-        knowledge_base: "notes".into(),
-        query: "what pulls the oceans?".into(),
-        ..Default::default()
-    };
     let mut on = cluster.search().await;
     let mut off = pb::search_service_client::SearchServiceClient::new(
         common::gateway_channel(&open.addr, None).await,
     );
-    // Warm both paths (and the result cache) first.
-    for _ in 0..200 {
-        on.search(request.clone()).await.unwrap();
-        off.search(request.clone()).await.unwrap();
-    }
-    let (mut with_edge, mut without) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
-    for i in 0..2 * calls {
-        let started = Instant::now();
-        let response = if i % 2 == 0 {
-            on.search(request.clone()).await
-        } else {
-            off.search(request.clone()).await
-        }
-        .expect("search")
-        .into_inner();
-        let took = started.elapsed();
-        assert!(response.cached, "a repeated query was not cached");
-        if i % 2 == 0 {
-            with_edge.push(took);
-        } else {
-            without.push(took);
-        }
-    }
-    with_edge.sort();
-    without.sort();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let (with_edge, without) = alternate_cached_searches(&mut on, &mut off, calls).await;
     let (on50, off50) = (percentile(&with_edge, 0.5), percentile(&without, 0.5));
     println!("  {calls} cached searches per gateway, alternating call by call");
     println!(

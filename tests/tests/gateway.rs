@@ -1263,3 +1263,115 @@ async fn up_bootstraps_an_admin_key_the_cli_uses() {
         .into_inner();
     assert_eq!(listed.knowledge_bases.len(), 1);
 }
+
+/// With a MongoDB URI, every gateway replica keeps tenants, keys and the audit log in one
+/// database: a key made at one works at the other, revoked at the other it stops working at
+/// the first, and both write to one audit log. Nothing goes to the SQLite file then.
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_replicas_share_keys_and_audit_through_mongodb() {
+    let mongo = smartdb_kit::testing::MongoServer::start();
+    let uri = mongo.uri_for(&format!("gw_{}", std::process::id()));
+    let env = [("SMARTDB_GATEWAY_MONGODB_URI", uri.as_str())];
+    let cluster = Cluster::start_with_env(&env).await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_dir = other_dir.path().display().to_string();
+    let second = common::ExtraService::start(
+        &cluster,
+        &["--data-dir", &other_dir],
+        &[
+            ("SMARTDB_GATEWAY_MONGODB_URI", uri.as_str()),
+            ("SMARTDB_ADMIN_KEY", &cluster.admin_key),
+        ],
+    )
+    .await;
+    let (writer, writer_id) = make_key(&cluster, "acme", pb::Role::Writer, 0).await;
+    let list = |addr: String, key: String| async move {
+        pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(
+            common::gateway_channel(&addr, Some(&key)).await,
+        )
+        .list_knowledge_bases(pb::ListKnowledgeBasesRequest::default())
+        .await
+    };
+    list(second.addr.clone(), writer.clone())
+        .await
+        .expect("a key made at the first gateway works at the second");
+    list(cluster.gateway.clone(), writer.clone())
+        .await
+        .expect("and at the first");
+
+    let mut second_admin = pb::admin_service_client::AdminServiceClient::new(
+        common::gateway_channel(&second.addr, Some(&cluster.admin_key)).await,
+    );
+    let tenants = second_admin
+        .list_tenants(pb::ListTenantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        tenants.tenants.iter().any(|t| t.name == "acme"),
+        "{tenants:?}"
+    );
+    second_admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            id: writer_id.clone(),
+        })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let took = common::eventually(
+        Duration::from_secs(10),
+        "revocation at the second gateway reaches the first",
+        || {
+            let (addr, key) = (cluster.gateway.clone(), writer.clone());
+            async move {
+                matches!(list(addr, key).await, Err(s) if s.code() == Code::Unauthenticated)
+                    .then(|| started.elapsed())
+            }
+        },
+    )
+    .await;
+    assert!(took <= Duration::from_secs(4), "{took:?}");
+
+    // The first gateway's audit log holds what the second did.
+    let mut first_admin = cluster.admin().await;
+    common::eventually(
+        Duration::from_secs(10),
+        "the revocation is in the shared audit log",
+        || {
+            let mut admin = first_admin.clone();
+            let id = writer_id.clone();
+            async move {
+                let events = admin
+                    .list_audit_events(pb::ListAuditEventsRequest {
+                        action: "key.revoked".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .events;
+                events.iter().any(|e| e.detail.contains(&id)).then_some(())
+            }
+        },
+    )
+    .await;
+    let created = first_admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            action: "key.created".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!created.events.is_empty(), "{created:?}");
+    for dir in [
+        cluster.data_dir.path().join("gateway"),
+        other_dir.clone().into(),
+    ] {
+        assert!(
+            !dir.join("edge.db").exists(),
+            "no SQLite store beside MongoDB in {}",
+            dir.display()
+        );
+    }
+}

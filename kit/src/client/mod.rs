@@ -206,7 +206,15 @@ impl Downstream {
         let timeout = ctx
             .remaining(self.settings.default_timeout)
             .saturating_sub(crate::context::DEADLINE_MARGIN);
-        let request = ctx.request(message, self.settings.default_timeout);
+        let span = tracing::info_span!(
+            target: "smartdb::rpc",
+            "call",
+            otel.name = %format_args!("{}/{}", self.name, rpc.method),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+        );
+        // Built inside the span, so the callee's span becomes this one's child.
+        let request = span.in_scope(|| ctx.request(message, self.settings.default_timeout));
         self.budget.deposit();
         let policy = retry::policy(
             self.name,
@@ -216,11 +224,17 @@ impl Downstream {
             &self.settings.retry,
             self.budget.clone(),
         );
-        let result = retry::run(policy, request, |request| {
-            send(self.balancer.clone(), request)
-        })
+        let result = tracing::Instrument::instrument(
+            retry::run(policy, request, |request| {
+                send(self.balancer.clone(), request)
+            }),
+            span.clone(),
+        )
         .await
         .map(tonic::Response::into_inner);
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
         let method = self.method_metrics(rpc.method);
         match &result {
             Ok(_) => method.ok.increment(1),

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod bench;
+pub mod otlp;
+
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

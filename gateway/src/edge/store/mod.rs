@@ -1,9 +1,10 @@
 //! The gateway's own data: tenants, API keys (hashes only) and the audit log, behind a small
-//! trait. SQLite is the embedded implementation; every implementation passes the suite in
-//! `conformance`.
+//! trait. SQLite is the embedded implementation, MongoDB the one gateway replicas share; both
+//! pass the suite in `conformance`.
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod mongo;
 pub mod sqlite;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
