@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use smartdb_kit::redis::{Redis, redis};
+use tracing::Instrument;
 
 use crate::search::SearchAnswer;
 
@@ -258,10 +259,19 @@ impl ResultCache {
         level(false, "memory");
         let found = match (&self.redis, key.shared()) {
             (Some(redis), Some(shared)) => {
+                // A span for the shared level only: it is a network call, while an in-memory
+                // hit costs less than a span would.
+                let lookup = tracing::info_span!(
+                    target: "smartdb::search",
+                    "cache",
+                    otel.name = "cache lookup",
+                    level = "redis",
+                );
                 let bytes = redis
                     .run::<Option<Vec<u8>>>(|c| {
                         Box::pin(async move { redis::cmd("GET").arg(shared).query_async(c).await })
                     })
+                    .instrument(lookup)
                     .await
                     .unwrap_or_else(|err| {
                         redis.failed(&err);

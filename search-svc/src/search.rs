@@ -404,9 +404,7 @@ impl Searcher {
             version: self.versions.get(&collection.id).await,
             request: &request,
         };
-        let lookup =
-            tracing::info_span!(target: "smartdb::search", "cache", otel.name = "cache lookup");
-        if let Some(answer) = self.cache.get(&key).instrument(lookup).await {
+        if let Some(answer) = self.cache.get(&key).await {
             return Ok((answer, true));
         }
         // One more than asked, to know whether a next page exists.

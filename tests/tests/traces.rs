@@ -26,6 +26,8 @@ async fn a_search_and_an_ingested_document_are_each_one_trace_across_the_service
     let endpoint = receiver.start().await;
     let cluster = Cluster::start_with_env(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        // The shared cache level, whose lookups are network calls with spans of their own.
+        ("SMARTDB_REDIS_URL", "redis://127.0.0.1:6379/"),
         // Send spans soon, not every 5 s.
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ])
@@ -75,8 +77,8 @@ async fn a_search_and_an_ingested_document_are_each_one_trace_across_the_service
         "the job is a child of ingest-svc's span of the call that queued it"
     );
 
-    // A search that misses the cache: the gateway, search-svc (cache, engine), and embed-svc
-    // for the query's embedding.
+    // A search that misses the cache: the gateway, search-svc (its Redis cache level, the
+    // engine), and embed-svc for the query's embedding.
     common::search(&cluster, "notes", "when are spring tides")
         .await
         .unwrap();
