@@ -67,12 +67,13 @@ pub fn init(service: &'static str, json: bool) -> Telemetry {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(service))
             // What each span would pay for on every poll of its future (busy/idle times, an
-            // OpenTelemetry context made current) or on creation (code location, thread) and
-            // nobody here reads: names and ids make the traces; the bench measured the rest.
+            // OpenTelemetry context made current) or on creation (code location, thread, target)
+            // and nobody here reads: names and ids make the traces; the bench measured the rest.
             .with_tracked_inactivity(false)
             .with_context_activation(false)
             .with_location(false)
             .with_threads(false)
+            .with_target(false)
             // Only our own spans: the transport's would swamp the traces and cost time.
             .with_filter(Targets::new().with_target("smartdb", LevelFilter::INFO))
     });
