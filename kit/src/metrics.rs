@@ -178,7 +178,7 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let (service, method) = self.known.labels(request.uri().path());
         let started = Instant::now();
-        let span = server_span(&mut request);
+        let span = server_span(&mut request, service, method);
         let future = span.in_scope(|| self.inner.call(request));
         let finished = span.clone();
         let call = async move {
@@ -210,17 +210,25 @@ where
     }
 }
 
-/// The span a served call runs in (see [`GrpcMetricsLayer`]).
-fn server_span<B>(request: &mut http::Request<B>) -> tracing::Span {
-    let path = request.uri().path();
-    if path.starts_with("/grpc.") {
+/// Longest request id taken from a caller; a longer one is replaced, so that a client cannot
+/// flood every log line.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The span a served call runs in (see [`GrpcMetricsLayer`]), named by the method's labels so
+/// that made-up paths cannot name spans.
+fn server_span<B>(
+    request: &mut http::Request<B>,
+    service: &'static str,
+    method: &'static str,
+) -> tracing::Span {
+    if request.uri().path().starts_with("/grpc.") {
         return tracing::Span::none();
     }
-    let name = path.trim_start_matches('/').to_owned();
     let headers = request.headers_mut();
     let request_id = match headers
         .get(crate::context::REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID)
     {
         Some(id) => id.to_owned(),
         None => {
@@ -234,7 +242,7 @@ fn server_span<B>(request: &mut http::Request<B>) -> tracing::Span {
     let span = tracing::info_span!(
         target: "smartdb::rpc",
         "rpc",
-        otel.name = %name,
+        otel.name = %format_args!("{service}/{method}"),
         otel.kind = "server",
         request_id = %request_id,
         trace_id = tracing::field::Empty,
@@ -274,6 +282,45 @@ pub fn code_label(code: tonic::Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_gets_a_request_id_unless_it_brings_a_sane_one() {
+        let id_of = |request: &http::Request<()>| {
+            request
+                .headers()
+                .get(crate::context::REQUEST_ID_HEADER)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let mut request = http::Request::new(());
+        *request.uri_mut() = "/smartdb.v1.SearchService/Search".parse().unwrap();
+        let _span = server_span(&mut request, "smartdb.v1.SearchService", "Search");
+        let made = id_of(&request).expect("one is made");
+        assert!(!made.is_empty());
+
+        request.headers_mut().insert(
+            crate::context::REQUEST_ID_HEADER,
+            "caller-42".parse().unwrap(),
+        );
+        let _span = server_span(&mut request, "smartdb.v1.SearchService", "Search");
+        assert_eq!(id_of(&request).as_deref(), Some("caller-42"), "kept");
+
+        let flood = "x".repeat(MAX_REQUEST_ID + 1);
+        request
+            .headers_mut()
+            .insert(crate::context::REQUEST_ID_HEADER, flood.parse().unwrap());
+        let _span = server_span(&mut request, "smartdb.v1.SearchService", "Search");
+        let replaced = id_of(&request).unwrap();
+        assert!(
+            replaced.len() <= MAX_REQUEST_ID,
+            "too long ids are replaced"
+        );
+
+        // Health checks make no span and are left alone.
+        let mut probe = http::Request::new(());
+        *probe.uri_mut() = "/grpc.health.v1.Health/Check".parse().unwrap();
+        assert!(server_span(&mut probe, "grpc.health.v1.Health", "Check").is_none());
+        assert_eq!(id_of(&probe), None);
+    }
 
     #[test]
     fn only_served_methods_get_their_own_labels() {
