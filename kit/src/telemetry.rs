@@ -4,6 +4,8 @@
 //! (`OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, default parent-based always-on, `OTEL_BSP_*`),
 //! and W3C trace context (`traceparent`) travels in the metadata of every call between services.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -19,11 +21,12 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
-impl Telemetry {
-    /// True if spans are being exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
+/// Set once `init` installed trace export: without it, the per-call helpers below skip the
+/// OpenTelemetry lookups (propagator, span context) that could only come back empty.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
 }
 
 impl Drop for Telemetry {
@@ -37,7 +40,7 @@ impl Drop for Telemetry {
 }
 
 /// True if the environment names an OTLP endpoint for traces.
-pub fn otlp_configured() -> bool {
+fn otlp_configured() -> bool {
     [
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -85,6 +88,7 @@ pub fn init(service: &'static str, json: bool) -> Telemetry {
     if installed && let Some(provider) = &provider {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         opentelemetry::global::set_tracer_provider(provider.clone());
+        EXPORTING.store(true, Ordering::Relaxed);
     }
     Telemetry {
         provider: provider.filter(|_| installed),
@@ -134,8 +138,13 @@ fn tracer_provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
 /// Makes `span` a child of the trace context in `headers` (a no-op without trace export), and
 /// returns the trace id to log: the span's when exporting, else the caller's `traceparent`'s.
 pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) -> Option<String> {
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
-    if span.set_parent(parent).is_ok() {
+    if exporting()
+        && span
+            .set_parent(opentelemetry::global::get_text_map_propagator(|p| {
+                p.extract(&Headers(headers))
+            }))
+            .is_ok()
+    {
         let context = span.context();
         let id = context.span().span_context().trace_id();
         return (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string());
@@ -161,6 +170,9 @@ pub fn continue_saved_trace(span: &tracing::Span, saved: &str) -> Option<String>
 /// The current span's trace context as a `traceparent` value, to continue the trace in work
 /// that runs later (an ingest job); empty without trace export.
 pub fn save_trace() -> String {
+    if !exporting() {
+        return String::new();
+    }
     let mut carrier = std::collections::HashMap::new();
     opentelemetry::global::get_text_map_propagator(|p| {
         p.inject_context(&tracing::Span::current().context(), &mut carrier)
@@ -170,6 +182,9 @@ pub fn save_trace() -> String {
 
 /// Puts the current span's trace context into outgoing call metadata.
 pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
+    if !exporting() {
+        return;
+    }
     let context = tracing::Span::current().context();
     if !context.span().span_context().is_valid() {
         return;
