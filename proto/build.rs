@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "smartdb/v1/admin.proto",
         "smartdb/v1/embed.proto",
         "smartdb/v1/index.proto",
+        "smartdb/v1/telemetry.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -32,6 +32,16 @@ pub enum KbCommand {
         /// Name of the knowledge base.
         name: String,
     },
+    /// Rebuild a knowledge base's chunks and vectors from its stored originals (after a change
+    /// of chunking settings or model files, or a lost index); searches keep answering meanwhile.
+    /// Needs an admin key.
+    Reindex {
+        /// Name of the knowledge base.
+        name: String,
+        /// Return once it started, without waiting for it to finish.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 /// `smartdb ingest …`
@@ -180,6 +190,46 @@ pub async fn kb(addr: &str, command: KbCommand) -> anyhow::Result<()> {
                 "deleted knowledge base {name} and {} documents",
                 r.deleted_documents
             );
+        }
+        KbCommand::Reindex { name, no_wait } => {
+            let progress =
+                |kb: Option<pb::KnowledgeBase>| kb.and_then(|kb| kb.reindex).unwrap_or_default();
+            let started = progress(
+                client
+                    .reindex_knowledge_base(pb::ReindexKnowledgeBaseRequest { name: name.clone() })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .knowledge_base,
+            );
+            println!("reindexing {name}: {} documents", started.documents_total);
+            if no_wait {
+                return Ok(());
+            }
+            let bar = ProgressBar::new(started.documents_total).with_style(
+                ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix("reindexed");
+            loop {
+                let now = progress(
+                    client
+                        .get_knowledge_base(pb::GetKnowledgeBaseRequest { name: name.clone() })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner()
+                        .knowledge_base,
+                );
+                bar.set_length(now.documents_total);
+                bar.set_position(now.documents_total.saturating_sub(now.documents_remaining));
+                if now.documents_remaining == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            bar.finish();
+            println!("reindexed {name}");
         }
     }
     Ok(())
@@ -421,8 +471,70 @@ pub async fn status(addr: &str) -> anyhow::Result<()> {
             s.name, label, s.latency_ms, s.address, s.detail
         );
     }
+    if status.alerts.is_empty() {
+        println!("alerts: none firing");
+    } else {
+        println!("alerts firing:");
+        for a in &status.alerts {
+            println!(
+                "  {:<8} {:<30} {}",
+                a.severity.to_uppercase(),
+                a.name,
+                a.summary
+            );
+        }
+    }
+    // The figures are extra: an older gateway without GetMetrics still shows its health.
+    match client.get_metrics(pb::GetMetricsRequest::default()).await {
+        Ok(metrics) => print_metrics(&metrics.into_inner()),
+        Err(status) => println!("metrics: unavailable ({})", status.message()),
+    }
     if !status.healthy {
         anyhow::bail!("the cluster is not healthy");
     }
     Ok(())
+}
+
+/// Prints `GetMetrics` as tables.
+fn print_metrics(m: &pb::GetMetricsResponse) {
+    println!("last {:.0} s:", m.window_seconds);
+    if m.rpcs.is_empty() {
+        println!("  no calls");
+    } else {
+        println!(
+            "  {:<11} {:<48} {:>8} {:>7} {:>9} {:>9} {:>9}",
+            "SERVICE", "RPC", "CALLS", "ERR %", "P50 ms", "P95 ms", "P99 ms"
+        );
+        for r in &m.rpcs {
+            println!(
+                "  {:<11} {:<48} {:>8} {:>7.2} {:>9.2} {:>9.2} {:>9.2}",
+                r.service,
+                r.method.trim_start_matches("smartdb.v1."),
+                r.requests,
+                r.error_rate * 100.0,
+                r.p50_ms,
+                r.p95_ms,
+                r.p99_ms
+            );
+        }
+    }
+    for c in &m.caches {
+        println!(
+            "  cache  {:<11} {:<15} {:<7} {:>6.1} % hits of {}",
+            c.service,
+            c.cache,
+            c.level,
+            c.hit_ratio * 100.0,
+            c.lookups
+        );
+    }
+    for q in &m.queues {
+        println!(
+            "  queue  {:<11} {:<15} {:>6} waiting, oldest {:.0} s",
+            q.service, q.queue, q.depth, q.oldest_age_seconds
+        );
+    }
+    for u in &m.unreachable {
+        println!("  unreadable: {u}");
+    }
 }

@@ -149,6 +149,8 @@ async fn run_batches(
                 None => return,
             },
         };
+        // Calls waiting for the model (the "embedding calls" queue of AdminService.GetMetrics).
+        metrics::gauge!("embed_queue_calls").set(jobs.len() as f64);
         let mut texts = first.texts.len();
         let mut tokens = estimate_tokens(&first.texts, per_text);
         let mut batch = vec![first];
@@ -164,6 +166,7 @@ async fn run_batches(
                     .flatten(),
             };
             let Some(job) = next else { break };
+            metrics::gauge!("embed_queue_calls").set(jobs.len() as f64);
             let job_tokens = estimate_tokens(&job.texts, per_text);
             if texts + job.texts.len() > limits.max_texts || tokens + job_tokens > limits.max_tokens
             {
@@ -237,6 +240,8 @@ impl Provider for LocalProvider {
                     Error::Unavailable("the model is shutting down".to_owned())
                 }
             })?;
+        metrics::gauge!("embed_queue_calls")
+            .set((self.queue.max_capacity() - self.queue.capacity()) as f64);
         answer
             .await
             .map_err(|_| Error::Unavailable("the model is shutting down".to_owned()))?

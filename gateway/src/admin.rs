@@ -14,6 +14,8 @@ use smartdb_kit::client::{ChannelOptions, Downstream as Client, channel};
 use smartdb_kit::server::Health;
 use smartdb_proto::v1 as pb;
 
+use crate::alerts;
+use crate::cluster_metrics::ClusterMetrics;
 use crate::edge::Edge;
 use crate::edge::store::{AuditFilter, AuditRecord, KeyRecord, Role, TenantRecord};
 use crate::error::Error;
@@ -26,6 +28,10 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// Time allowed for one health check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Window the alerts judge rates and ratios on.
+const ALERT_WINDOW: Duration = Duration::from_secs(300);
+/// Largest metrics text read from one replica.
+const METRICS_TEXT_BYTES: usize = 16 << 20;
 /// Wait before watching an endpoint again after its stream broke.
 const REWATCH: Duration = Duration::from_secs(1);
 
@@ -66,6 +72,35 @@ impl Downstream {
         let channel = channel(addr, &self.options).ok()?;
         channels.insert(addr.to_owned(), channel.clone());
         Some(channel)
+    }
+
+    /// Every replica's metrics (Prometheus text) through `TelemetryService`, or why not.
+    async fn read_metrics(&self) -> Vec<(&'static str, String, Result<String, String>)> {
+        let reads = self
+            .client
+            .endpoints()
+            .into_iter()
+            .map(|(addr, _)| async move {
+                let text = match self.channel(&addr) {
+                    None => Err("invalid address".to_owned()),
+                    Some(channel) => {
+                        let mut request = Request::new(pb::GetMetricsTextRequest {});
+                        request.set_timeout(CHECK_TIMEOUT);
+                        let mut client =
+                            pb::telemetry_service_client::TelemetryServiceClient::new(channel)
+                                .max_decoding_message_size(METRICS_TEXT_BYTES);
+                        match tokio::time::timeout(CHECK_TIMEOUT, client.get_metrics_text(request))
+                            .await
+                        {
+                            Ok(Ok(r)) => Ok(r.into_inner().text),
+                            Ok(Err(status)) => Err(status.message().to_owned()),
+                            Err(_) => Err("timed out".to_owned()),
+                        }
+                    }
+                };
+                (self.name, addr, text)
+            });
+        futures::future::join_all(reads).await
     }
 
     /// Checks every replica.
@@ -135,6 +170,15 @@ impl Downstreams {
         Self {
             list: list.into_iter().map(Arc::new).collect(),
         }
+    }
+
+    /// Reads every replica's metrics concurrently: (service, address, text or why not).
+    pub async fn read_metrics(&self) -> Vec<(&'static str, String, Result<String, String>)> {
+        futures::future::join_all(self.list.iter().map(|d| d.read_metrics()))
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Checks every replica of every downstream concurrently.
@@ -243,13 +287,23 @@ async fn watch(channel: Channel, serving: Arc<AtomicBool>, changed: Arc<Notify>)
 /// the work.
 pub struct Admin {
     downstreams: Arc<Downstreams>,
+    metrics: Arc<ClusterMetrics>,
     edge: Arc<Edge>,
 }
 
 impl Admin {
-    /// Reports on `downstreams` and manages identities through `edge`.
-    pub fn new(downstreams: Arc<Downstreams>, edge: Arc<Edge>) -> Self {
-        Self { downstreams, edge }
+    /// Reports on `downstreams` (their health, and their `metrics`) and manages identities
+    /// through `edge`.
+    pub fn new(
+        downstreams: Arc<Downstreams>,
+        metrics: Arc<ClusterMetrics>,
+        edge: Arc<Edge>,
+    ) -> Self {
+        Self {
+            downstreams,
+            metrics,
+            edge,
+        }
     }
 
     /// Admits the call to `method` (of AdminService), runs `f`, and records it in the audit
@@ -332,7 +386,7 @@ impl pb::admin_service_server::AdminService for Admin {
         &self,
         request: Request<pb::GetClusterStatusRequest>,
     ) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
-        let downstreams = self.downstreams.clone();
+        let (downstreams, metrics) = (self.downstreams.clone(), self.metrics.clone());
         self.run(
             "GetClusterStatus",
             request,
@@ -345,16 +399,41 @@ impl pb::admin_service_server::AdminService for Admin {
                     detail: String::new(),
                     latency_ms: 0,
                 }];
-                services.extend(downstreams.check_all().await);
+                let (checked, (now, recent)) =
+                    futures::future::join(downstreams.check_all(), metrics.window(ALERT_WINDOW))
+                        .await;
+                services.extend(checked);
                 let healthy = services
                     .iter()
                     .all(|s| s.health == pb::ServiceHealth::Serving as i32);
+                let hour_before = metrics.past_window(ALERT_WINDOW, Duration::from_secs(3600));
+                let alerts = alerts::evaluate(&alerts::Inputs {
+                    services: &services,
+                    now: &now,
+                    recent: &recent,
+                    hour_before: hour_before.as_ref(),
+                });
                 Ok(pb::GetClusterStatusResponse {
                     services,
                     healthy,
                     version: smartdb_kit::VERSION.to_owned(),
+                    alerts,
                 })
             },
+        )
+        .await
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<pb::GetMetricsRequest>,
+    ) -> Result<Response<pb::GetMetricsResponse>, Status> {
+        let metrics = self.metrics.clone();
+        self.run(
+            "GetMetrics",
+            request,
+            |_| String::new(),
+            |r| async move { Ok(metrics.report(r.window_seconds).await) },
         )
         .await
     }

@@ -33,6 +33,12 @@ impl Described for pb::DeleteKnowledgeBaseRequest {
     }
 }
 
+impl Described for pb::ReindexKnowledgeBaseRequest {
+    fn detail(&self) -> String {
+        format!("knowledge base {}", short(&self.name))
+    }
+}
+
 impl Described for pb::DeleteDocumentRequest {
     fn detail(&self) -> String {
         format!(
@@ -220,6 +226,22 @@ impl pb::knowledge_base_service_server::KnowledgeBaseService for Forward {
             kb_client,
             delete_knowledge_base,
             Rpc::once("DeleteKnowledgeBase"),
+            request
+        )
+    }
+
+    async fn reindex_knowledge_base(
+        &self,
+        request: Request<pb::ReindexKnowledgeBaseRequest>,
+    ) -> Result<Response<pb::ReindexKnowledgeBaseResponse>, Status> {
+        // Idempotent: a repeat while one runs only reports its progress.
+        unary!(
+            self,
+            "/smartdb.v1.KnowledgeBaseService/ReindexKnowledgeBase",
+            ingest,
+            kb_client,
+            reindex_knowledge_base,
+            Rpc::idempotent("ReindexKnowledgeBase"),
             request
         )
     }

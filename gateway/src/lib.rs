@@ -7,6 +7,8 @@
 //! `x-smartdb-*` metadata is stripped from it before the caller's context is built.
 
 pub mod admin;
+pub mod alerts;
+pub mod cluster_metrics;
 pub mod edge;
 pub mod error;
 pub mod forward;
@@ -205,7 +207,11 @@ pub async fn serve(
     let max = limits.message_bytes();
     let forward = forward::Forward::new(edge.clone(), ingest, search, limits);
 
+    let metrics = Arc::new(cluster_metrics::ClusterMetrics::new(downstreams.clone()));
+    tokio::spawn(metrics.clone().sample());
     let mut server = ServiceServer::new("gateway").await;
+    // The public port: the gateway's own metrics stay on its HTTP /metrics and in GetMetrics.
+    server.without_telemetry();
     server
         .add_service(
             pb::knowledge_base_service_server::KnowledgeBaseServiceServer::new(forward.clone())
@@ -225,6 +231,7 @@ pub async fn serve(
         .add_service(
             pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(
                 downstreams.clone(),
+                metrics,
                 edge,
             ))
             .max_decoding_message_size(max)

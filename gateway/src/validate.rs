@@ -71,6 +71,12 @@ impl Validate for pb::DeleteKnowledgeBaseRequest {
     }
 }
 
+impl Validate for pb::ReindexKnowledgeBaseRequest {
+    fn validate(&self, _: &Limits) -> Result<()> {
+        kb("name", &self.name)
+    }
+}
+
 impl Validate for pb::ListKnowledgeBasesRequest {
     fn validate(&self, limits: &Limits) -> Result<()> {
         page(limits, self.page_size, &self.page_token)
@@ -264,6 +270,7 @@ mod tests {
             decode_and_check::<pb::CreateKnowledgeBaseRequest>(&bytes, &limits);
             decode_and_check::<pb::GetKnowledgeBaseRequest>(&bytes, &limits);
             decode_and_check::<pb::DeleteKnowledgeBaseRequest>(&bytes, &limits);
+            decode_and_check::<pb::ReindexKnowledgeBaseRequest>(&bytes, &limits);
             decode_and_check::<pb::ListKnowledgeBasesRequest>(&bytes, &limits);
             decode_and_check::<pb::IngestTextRequest>(&bytes, &limits);
             decode_and_check::<pb::GetDocumentRequest>(&bytes, &limits);

@@ -166,6 +166,7 @@ impl Catalog {
             create_time: store::now_ms(),
             document_count: 0,
             ready: false,
+            reindex: None,
         };
         let row = fresh.clone();
         let mut kb = match self.store.call(move |c| store::reserve_kb(c, &row)).await? {
@@ -284,6 +285,50 @@ impl Catalog {
         }
         tracing::info!(kb = %kb.name, documents = removed.len(), "knowledge base deleted");
         Ok(removed.len() as u64)
+    }
+
+    /// Starts rebuilding a knowledge base's chunks and vectors from its originals (see
+    /// [`store::start_reindex`]), after making sure its collection exists (an index that was
+    /// lost is created again, empty, and refilled by the reindex).
+    pub async fn reindex_kb(&self, ctx: &CallContext, name: &str) -> Result<KnowledgeBase> {
+        let kb = self.get_kb(ctx, "name", name).await?;
+        let info = self.downstream.model_info(ctx, &kb.embedding_model).await?;
+        if info.dimension != kb.dimension {
+            return Err(Error::FailedPrecondition(format!(
+                "model {:?} now makes vectors of {} dimensions, but knowledge base {name:?} holds {}: \
+                 a change of dimension needs a new knowledge base",
+                kb.embedding_model, info.dimension, kb.dimension
+            )));
+        }
+        let collection = self
+            .downstream
+            .create_collection(
+                ctx,
+                pb::CreateCollectionRequest {
+                    knowledge_base_id: kb.id.clone(),
+                    knowledge_base: kb.name.clone(),
+                    dimension: kb.dimension,
+                    embedding_model: kb.embedding_model.clone(),
+                },
+            )
+            .await?;
+        if collection != kb.id {
+            return Err(Error::Internal(format!(
+                "the index serves knowledge base {name:?} from collection {collection}, not {}",
+                kb.id
+            )));
+        }
+        let id = kb.id.clone();
+        let kb = self
+            .store
+            .call(move |c| store::start_reindex(c, &id))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("knowledge base {name:?} not found")))?;
+        if let Some(progress) = kb.reindex {
+            tracing::info!(kb = %kb.name, documents = progress.total, remaining = progress.remaining, "reindex running");
+        }
+        self.jobs_added.notify_waiters();
+        Ok(kb)
     }
 
     // ---- documents ----

@@ -27,6 +27,11 @@ fn kb_to_pb(kb: KnowledgeBase) -> pb::KnowledgeBase {
         embedding_model: kb.embedding_model,
         document_count: kb.document_count,
         create_time: Some(timestamp(kb.create_time)),
+        reindex: kb.reindex.map(|r| pb::ReindexProgress {
+            documents_total: r.total,
+            documents_remaining: r.remaining,
+            start_time: Some(timestamp(r.start_time)),
+        }),
     }
 }
 
@@ -136,6 +141,20 @@ impl pb::knowledge_base_service_server::KnowledgeBaseService for CatalogGrpc {
             .await?;
         Ok(Response::new(pb::DeleteKnowledgeBaseResponse {
             deleted_documents,
+        }))
+    }
+
+    async fn reindex_knowledge_base(
+        &self,
+        request: Request<pb::ReindexKnowledgeBaseRequest>,
+    ) -> Result<Response<pb::ReindexKnowledgeBaseResponse>, Status> {
+        let ctx = CallContext::from_request(&request);
+        let kb = self
+            .catalog
+            .reindex_kb(&ctx, &request.into_inner().name)
+            .await?;
+        Ok(Response::new(pb::ReindexKnowledgeBaseResponse {
+            knowledge_base: Some(kb_to_pb(kb)),
         }))
     }
 }

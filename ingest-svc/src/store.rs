@@ -83,6 +83,19 @@ pub struct KnowledgeBase {
     pub document_count: u64,
     /// False while its create is unfinished (the name is reserved, the collection may not exist).
     pub ready: bool,
+    /// Its latest reindex, if it was ever reindexed.
+    pub reindex: Option<Reindex>,
+}
+
+/// Progress of a knowledge base's latest reindex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reindex {
+    /// Documents it covers.
+    pub total: u64,
+    /// Of those, documents whose reindex job has not finished.
+    pub remaining: u64,
+    /// Unix milliseconds.
+    pub start_time: i64,
 }
 
 /// A document row.
@@ -154,6 +167,9 @@ pub struct Job {
     pub outages: u32,
     /// Trace context of the call that queued it (`traceparent`); empty if none.
     pub trace: String,
+    /// A reindex of a document that is INDEXED: it stays INDEXED (its chunks keep serving)
+    /// while it is redone.
+    pub quiet: bool,
 }
 
 /// Outcome of inserting a document.
@@ -257,6 +273,16 @@ const SCHEMA_V4: &str = "
 ALTER TABLE jobs ADD COLUMN traceparent TEXT NOT NULL DEFAULT '';
 ";
 
+/// Version 5: knowledge bases can be reindexed. A knowledge base records its latest reindex
+/// (how many documents it covered, when it started); the jobs it queued are marked (`reindex`:
+/// 1 for a document that was INDEXED and stays so while it is redone, 2 for one that was FAILED
+/// and is queued again), so progress is the count of marked jobs left, and survives restarts.
+const SCHEMA_V5: &str = "
+ALTER TABLE knowledge_bases ADD COLUMN reindex_total INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE knowledge_bases ADD COLUMN reindex_start INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN reindex INTEGER NOT NULL DEFAULT 0;
+";
+
 /// The catalog's migrations, oldest first; the database's `user_version` says how many ran.
 /// Append, never edit: a released database has run the ones before.
 pub fn migrations() -> rusqlite_migration::Migrations<'static> {
@@ -266,6 +292,7 @@ pub fn migrations() -> rusqlite_migration::Migrations<'static> {
         M::up(SCHEMA_V2).foreign_key_check(),
         M::up(SCHEMA_V3),
         M::up(SCHEMA_V4),
+        M::up(SCHEMA_V5),
     ])
 }
 
@@ -342,12 +369,22 @@ fn kb_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KnowledgeBase> {
         create_time: row.get(6)?,
         document_count: row.get::<_, i64>(7)? as u64,
         ready: row.get::<_, String>(8)? == "ready",
+        reindex: match row.get::<_, i64>(10)? {
+            0 => None,
+            start_time => Some(Reindex {
+                total: row.get::<_, i64>(9)? as u64,
+                remaining: row.get::<_, i64>(11)? as u64,
+                start_time,
+            }),
+        },
     })
 }
 
 const KB_COLUMNS: &str =
     "k.id, k.tenant, k.name, k.description, k.embedding_model, k.dimension, k.create_time,
-    (SELECT COUNT(*) FROM documents d WHERE d.kb_id = k.id), k.state";
+    (SELECT COUNT(*) FROM documents d WHERE d.kb_id = k.id), k.state, k.reindex_total,
+    k.reindex_start, (SELECT COUNT(*) FROM jobs j JOIN documents d ON d.id = j.document_id
+        WHERE d.kb_id = k.id AND j.reindex != 0)";
 
 /// What reserving a knowledge-base name found.
 #[derive(Debug)]
@@ -463,6 +500,56 @@ pub fn delete_kb(conn: &mut Connection, id: &str) -> Result<Vec<String>> {
     tx.execute("DELETE FROM knowledge_bases WHERE id = ?1", params![id])?;
     tx.commit()?;
     Ok(ids)
+}
+
+/// Starts a reindex of a knowledge base: every INDEXED or FAILED document without a pending
+/// job gets an index job marked as the reindex's (documents with one are being indexed with the
+/// current settings already). INDEXED ones stay INDEXED; FAILED ones are queued again. If a
+/// reindex is still running, nothing changes. Returns the knowledge base with its progress, or
+/// None if it is gone.
+pub fn start_reindex(conn: &mut Connection, kb_id: &str) -> Result<Option<KnowledgeBase>> {
+    let tx = conn.transaction()?;
+    let Some(kb) = tx
+        .query_row(
+            &format!("SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.id = ?1"),
+            params![kb_id],
+            kb_from_row,
+        )
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    if kb.reindex.is_some_and(|r| r.remaining > 0) {
+        return Ok(Some(kb));
+    }
+    let now = now_ms();
+    let mut total = 0;
+    for (status, mark) in [(Status::Indexed, 1), (Status::Failed, 2)] {
+        // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the SELECT.
+        total += tx.execute(
+            "INSERT INTO jobs (document_id, kind, create_time, reindex)
+             SELECT id, 'index', ?3, ?4 FROM documents WHERE kb_id = ?1 AND status = ?2 AND true
+             ON CONFLICT (document_id) DO NOTHING",
+            params![kb_id, status as i32, now, mark],
+        )?;
+    }
+    tx.execute(
+        "UPDATE documents SET status = ?2, error = '', attempts = 0, update_time = ?3
+         WHERE status = ?4 AND id IN (SELECT document_id FROM jobs WHERE reindex = 2)
+           AND kb_id = ?1",
+        params![kb_id, Status::Queued as i32, now, Status::Failed as i32],
+    )?;
+    tx.execute(
+        "UPDATE knowledge_bases SET reindex_total = ?2, reindex_start = ?3 WHERE id = ?1",
+        params![kb_id, total as i64, now],
+    )?;
+    let kb = tx.query_row(
+        &format!("SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.id = ?1"),
+        params![kb_id],
+        kb_from_row,
+    )?;
+    tx.commit()?;
+    Ok(Some(kb))
 }
 
 // ---- documents ----
@@ -659,12 +746,13 @@ pub fn set_status(conn: &Connection, id: &str, status: Status, error: &str) -> R
     Ok(n == 1)
 }
 
-/// Records the chunk count before chunks are written, so a later delete knows every point id.
-pub fn set_chunk_count(conn: &Connection, id: &str, chunks: u32) -> Result<bool> {
+/// Records the chunk count before chunks are written, so a later delete knows every point id,
+/// and moves the document to `status` (EMBEDDING, or INDEXED for a quiet reindex).
+pub fn set_chunk_count(conn: &Connection, id: &str, chunks: u32, status: Status) -> Result<bool> {
     let n = conn.execute(
         "UPDATE documents SET chunk_count = ?2, max_chunk_count = MAX(max_chunk_count, ?2), status = ?3, update_time = ?4
          WHERE id = ?1 AND status != ?5",
-        params![id, chunks, Status::Embedding as i32, now_ms(), Status::Deleting as i32],
+        params![id, chunks, status as i32, now_ms(), Status::Deleting as i32],
     )?;
     Ok(n == 1)
 }
@@ -820,10 +908,10 @@ pub fn claim_job(
             "UPDATE jobs SET lease_token = ?2, lease_until = ?3, attempts = attempts + 1 WHERE document_id = ?1",
             params![document_id, token, now + lease_ms],
         )?;
-        let (outages, trace): (u32, String) = tx.query_row(
-            "SELECT outages, traceparent FROM jobs WHERE document_id = ?1",
+        let (outages, trace, reindex): (u32, String, i64) = tx.query_row(
+            "SELECT outages, traceparent, reindex FROM jobs WHERE document_id = ?1",
             params![document_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
         if kind == "index" {
             tx.execute(
@@ -843,6 +931,7 @@ pub fn claim_job(
             attempts: attempts + 1,
             outages,
             trace,
+            quiet: kind == "index" && reindex == 1,
         }));
     }
 }
@@ -956,6 +1045,7 @@ mod tests {
             create_time: now_ms(),
             document_count: 0,
             ready: true,
+            reindex: None,
         }
     }
 
@@ -1217,6 +1307,94 @@ mod tests {
     }
 
     #[test]
+    fn a_reindex_queues_indexed_and_failed_documents_and_counts_them_down_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let open = || {
+            let store = Store::open(&path).unwrap();
+            Arc::try_unwrap(store.conn)
+                .ok()
+                .unwrap()
+                .into_inner()
+                .unwrap()
+        };
+        let mut conn = open();
+        let k = kb("a");
+        insert_kb(&mut conn, &k);
+        let other = kb("b");
+        insert_kb(&mut conn, &other);
+        let [indexed, failed, queued, elsewhere] = [(&k, "1"), (&k, "2"), (&k, "3"), (&other, "4")]
+            .map(|(kb, sha)| {
+                let Inserted::New(d) = insert_doc(&mut conn, &doc(&kb.id, sha)).unwrap() else {
+                    panic!("new document")
+                };
+                d
+            });
+        for d in [&indexed, &failed, &elsewhere] {
+            let job = claim_job(&mut conn, 60_000, MAX, Some(&d.id))
+                .unwrap()
+                .unwrap();
+            complete_job(&conn, &job).unwrap();
+        }
+        set_status(&conn, &indexed.id, Status::Indexed, "").unwrap();
+        set_status(&conn, &failed.id, Status::Failed, "too many chunks").unwrap();
+        set_status(&conn, &elsewhere.id, Status::Indexed, "").unwrap();
+        assert_eq!(find_kb(&conn, "t", "a").unwrap().unwrap().reindex, None);
+
+        let started = start_reindex(&mut conn, &k.id)
+            .unwrap()
+            .unwrap()
+            .reindex
+            .unwrap();
+        // The queued document is being indexed with the current settings already.
+        assert_eq!((started.total, started.remaining), (2, 2));
+        assert_eq!(
+            doc_by_id(&conn, &indexed.id).unwrap().unwrap().status,
+            Status::Indexed
+        );
+        let requeued = doc_by_id(&conn, &failed.id).unwrap().unwrap();
+        assert_eq!(
+            (requeued.status, requeued.error.as_str()),
+            (Status::Queued, "")
+        );
+        // Asking again while it runs changes nothing.
+        assert_eq!(
+            start_reindex(&mut conn, &k.id).unwrap().unwrap().reindex,
+            Some(started)
+        );
+
+        // A restart keeps the progress and the jobs.
+        drop(conn);
+        let mut conn = open();
+        let mut quiet = Vec::new();
+        while let Some(job) = claim_job(&mut conn, 60_000, MAX, None).unwrap() {
+            quiet.push((job.document_id.clone(), job.quiet));
+            complete_job(&conn, &job).unwrap();
+            let left = find_kb(&conn, "t", "a").unwrap().unwrap().reindex.unwrap();
+            assert_eq!(left.total, 2);
+        }
+        quiet.sort();
+        let mut expected = vec![
+            (indexed.id.clone(), true),
+            (failed.id.clone(), false),
+            (queued.id.clone(), false),
+        ];
+        expected.sort();
+        assert_eq!(quiet, expected);
+        let done = find_kb(&conn, "t", "a").unwrap().unwrap().reindex.unwrap();
+        assert_eq!((done.total, done.remaining), (2, 0));
+        assert_eq!(find_kb(&conn, "t", "b").unwrap().unwrap().reindex, None);
+        // Once done, a new reindex starts over.
+        let again = start_reindex(&mut conn, &k.id)
+            .unwrap()
+            .unwrap()
+            .reindex
+            .unwrap();
+        assert_eq!(again.remaining, 1);
+        assert!(start_reindex(&mut conn, "no-such-kb").unwrap().is_none());
+    }
+
+    #[test]
     fn deleting_a_knowledge_base_removes_its_documents() {
         let (_d, mut conn) = store();
         let k = kb("a");
@@ -1254,7 +1432,7 @@ mod tests {
             .unwrap()
             .into_inner()
             .unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 4);
+        assert_eq!(schema_version(&conn).unwrap(), 5);
         let kb = find_kb(&conn, "default", "notes").unwrap().unwrap();
         assert!(kb.ready);
         assert_eq!(kb.document_count, 1);
@@ -1276,7 +1454,7 @@ mod tests {
         drop(conn);
         let again = Store::open(&path).unwrap();
         let conn = again.conn.lock().unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 4);
+        assert_eq!(schema_version(&conn).unwrap(), 5);
     }
 
     #[test]

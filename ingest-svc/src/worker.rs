@@ -252,7 +252,9 @@ async fn fail_or_retry(catalog: &Catalog, job: &Job, err: Error) {
     let result = catalog
         .store
         .call(move |c| {
-            if let (JobKind::Index, Some((status, reason))) = (job.kind, &status) {
+            // A quiet reindex leaves its INDEXED document as it is while it waits.
+            if let (JobKind::Index, false, Some((status, reason))) = (job.kind, job.quiet, &status)
+            {
                 store::set_status(c, &job.document_id, *status, reason)?;
             }
             store::release_job(c, &job, delay_ms, release)
@@ -294,7 +296,10 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         return finish(catalog, job).await;
     };
     let ctx = background(&kb.tenant);
-    if !set_status(catalog, &doc.id, Status::Parsing).await? {
+    // A quiet reindex keeps the document INDEXED: its current chunks serve until replaced.
+    let quiet = job.quiet;
+    let step = move |status| if quiet { Status::Indexed } else { status };
+    if !set_status(catalog, &doc.id, step(Status::Parsing)).await? {
         return finish(catalog, job).await;
     }
     let (blobs, doc_id) = (catalog.blobs.clone(), doc.id.clone());
@@ -337,10 +342,10 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         ));
     }
     let count = chunks.len() as u32;
-    let doc_id = doc.id.clone();
+    let (doc_id, embedding) = (doc.id.clone(), step(Status::Embedding));
     if !catalog
         .store
-        .call(move |c| store::set_chunk_count(c, &doc_id, count))
+        .call(move |c| store::set_chunk_count(c, &doc_id, count, embedding))
         .await?
     {
         return finish(catalog, job).await;
@@ -359,12 +364,13 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         .instrument(stage("embed"))
         .await?;
     drop(embedded);
-    if !set_status(catalog, &doc.id, Status::Storing).await? {
+    if !set_status(catalog, &doc.id, step(Status::Storing)).await? {
         return finish(catalog, job).await;
     }
     // A version of a source is written hidden, so that searches keep seeing the version they
-    // see now until this one is complete (then `publish` swaps them in one step).
-    if !doc.source_id.is_empty() {
+    // see now until this one is complete (then `publish` swaps them in one step). A quiet
+    // reindex rewrites the published version in place instead.
+    if !doc.source_id.is_empty() && !job.quiet {
         catalog
             .downstream
             .update_hidden(&ctx, &kb.id, vec![doc.id.clone()], Vec::new())
@@ -411,7 +417,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
             .delete_points(&ctx, &kb.id, stale)
             .await?;
     }
-    if !doc.source_id.is_empty() {
+    if !doc.source_id.is_empty() && !job.quiet {
         publish(catalog, &ctx, &doc).await?;
     } else if set_status(catalog, &doc.id, Status::Indexed).await? {
         tracing::info!(document = %doc.id, chunks = count, "document indexed");
@@ -717,6 +723,7 @@ mod in_flight {
             create_time: 0,
             document_count: 0,
             ready: false,
+            reindex: None,
         };
         let id = kb.id.clone();
         catalog

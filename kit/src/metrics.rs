@@ -30,13 +30,71 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Every metric this process records, in the Prometheus text format, with the process's
+/// memory figures read just before.
+pub fn render() -> String {
+    // The recorder first: gauges set before it is installed go nowhere.
+    let handle = handle();
+    record_memory();
+    handle.render()
+}
+
 /// An HTTP router with `GET /metrics`; services merge their own HTTP routes into it.
 pub fn router() -> axum::Router {
-    let handle = handle();
     axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || std::future::ready(handle.render())),
+        axum::routing::get(|| std::future::ready(render())),
     )
+}
+
+/// Sets `process_resident_memory_bytes` and, when the process runs under a cgroup memory limit
+/// (a container), `process_memory_limit_bytes`: what the memory alert compares.
+///
+/// Read straight from `/proc` and `/sys/fs/cgroup` (Linux; elsewhere nothing is set): the
+/// process-metrics crates read these files too, but bring dozens of metrics we don't use and
+/// none of them knows the cgroup limit.
+fn record_memory() {
+    if let Some(rss) = resident_bytes() {
+        ::metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
+    }
+    if let Some(limit) = memory_limit_bytes() {
+        ::metrics::gauge!("process_memory_limit_bytes").set(limit as f64);
+    }
+}
+
+/// Resident set size: the second field of `/proc/self/statm`, in pages.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok().filter(|p| *p > 0)?)
+}
+
+/// The memory limit of the process's cgroup (v2 `memory.max`, else v1
+/// `memory.limit_in_bytes`); None when unlimited or unknown.
+fn memory_limit_bytes() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut candidates = Vec::new();
+    for line in cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.is_empty() {
+            candidates.push(format!("/sys/fs/cgroup{path}/memory.max"));
+            candidates.push("/sys/fs/cgroup/memory.max".to_owned());
+        } else if controllers.split(',').any(|c| c == "memory") {
+            candidates.push(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
+            candidates.push("/sys/fs/cgroup/memory/memory.limit_in_bytes".to_owned());
+        }
+    }
+    candidates.into_iter().find_map(|path| {
+        let text = std::fs::read_to_string(path).ok()?;
+        // "max" (v2) or a huge number (v1) mean no limit.
+        text.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|limit| *limit < (1 << 62))
+    })
 }
 
 /// Serves `router` over HTTP on `addr` until `shutdown` resolves.
@@ -282,6 +340,19 @@ pub fn code_label(code: tonic::Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rendered_metrics_carry_the_process_memory() {
+        let text = render();
+        let rss = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+            .expect("resident memory is reported on Linux");
+        assert!(rss.parse::<f64>().unwrap() > 1e6, "{rss}");
+        if let Some(limit) = memory_limit_bytes() {
+            assert!(limit > 0);
+        }
+    }
 
     #[test]
     fn a_call_gets_a_request_id_unless_it_brings_a_sane_one() {

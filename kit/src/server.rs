@@ -122,6 +122,8 @@ pub struct ServiceServer {
     reporter: HealthReporter,
     ready: Arc<tokio::sync::Mutex<bool>>,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Serve `smartdb.v1.TelemetryService` (off for a public port).
+    telemetry: bool,
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
@@ -145,8 +147,16 @@ impl ServiceServer {
             reporter,
             ready: Arc::default(),
             draining: Arc::default(),
+            telemetry: true,
             health_service,
         }
+    }
+
+    /// Leaves out the internal `TelemetryService` (every server has it unless told): for a
+    /// port that the public reaches.
+    pub fn without_telemetry(&mut self) -> &mut Self {
+        self.telemetry = false;
+        self
     }
 
     /// Adds a gRPC service; it gets a health entry under its full name and is listed by reflection.
@@ -209,6 +219,12 @@ impl ServiceServer {
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1.ServerReflection");
+        if self.telemetry {
+            self.services.push(smartdb_proto::names::TELEMETRY);
+            self.routes.add_service(
+                smartdb_proto::v1::telemetry_service_server::TelemetryServiceServer::new(Telemetry),
+            );
+        }
         for service in &self.services {
             reflection = reflection.with_service_name(*service);
         }
@@ -315,6 +331,23 @@ impl ServiceServer {
         }
         tracing::info!(service = name, "stopped");
         Ok(())
+    }
+}
+
+/// `smartdb.v1.TelemetryService`: this process's metrics for the gateway's cluster view.
+struct Telemetry;
+
+#[tonic::async_trait]
+impl smartdb_proto::v1::telemetry_service_server::TelemetryService for Telemetry {
+    async fn get_metrics_text(
+        &self,
+        _: tonic::Request<smartdb_proto::v1::GetMetricsTextRequest>,
+    ) -> Result<tonic::Response<smartdb_proto::v1::GetMetricsTextResponse>, tonic::Status> {
+        Ok(tonic::Response::new(
+            smartdb_proto::v1::GetMetricsTextResponse {
+                text: crate::metrics::render(),
+            },
+        ))
     }
 }
 

@@ -25,4 +25,6 @@ pub mod names {
     pub const EMBED: &str = "smartdb.v1.EmbedService";
     /// `smartdb.v1.IndexService`.
     pub const INDEX: &str = "smartdb.v1.IndexService";
+    /// `smartdb.v1.TelemetryService`.
+    pub const TELEMETRY: &str = "smartdb.v1.TelemetryService";
 }

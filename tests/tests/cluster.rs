@@ -141,6 +141,12 @@ async fn cluster_end_to_end() {
             );
         }
         assert!(listed.contains("grpc.health.v1.Health"), "{listed}");
+        // Internal metrics for the gateway's GetMetrics; never on the public port.
+        assert_eq!(
+            listed.lines().any(|l| l == "smartdb.v1.TelemetryService"),
+            *name != "gateway",
+            "{name}: {listed}"
+        );
     }
     let described = grpcurl(&[
         "-plaintext",

@@ -80,6 +80,12 @@ pub const POLICIES: &[Policy] = &[
         Some("knowledge_base.deleted"),
     ),
     p(
+        "/smartdb.v1.KnowledgeBaseService/ReindexKnowledgeBase",
+        Role::Admin,
+        Class::Ingest,
+        Some("knowledge_base.reindexed"),
+    ),
+    p(
         "/smartdb.v1.DocumentService/UploadDocument",
         Role::Writer,
         Class::Ingest,
@@ -123,6 +129,12 @@ pub const POLICIES: &[Policy] = &[
     ),
     p(
         "/smartdb.v1.AdminService/GetClusterStatus",
+        Role::Admin,
+        Class::Admin,
+        ADMIN_CALL,
+    ),
+    p(
+        "/smartdb.v1.AdminService/GetMetrics",
         Role::Admin,
         Class::Admin,
         ADMIN_CALL,
