@@ -411,8 +411,9 @@ impl ClusterMetrics {
         (now_reading, window)
     }
 
-    /// The window of `length` that ended `ago` (from stored readings only), if the readings
-    /// reach back that far.
+    /// The window of `length` that ended `ago` (from stored readings only), or as much of it
+    /// as the readings cover (as Prometheus's `rate` over a range does); None without two
+    /// readings in it.
     pub fn past_window(&self, ago: Duration, length: Duration) -> Option<Window> {
         let now = Instant::now();
         let history = self.history.lock().expect("history lock");
@@ -423,7 +424,8 @@ impl ClusterMetrics {
         let start = history
             .iter()
             .rev()
-            .find(|(at, _)| end.0.duration_since(*at) >= length)?;
+            .find(|(at, _)| end.0.duration_since(*at) >= length)
+            .or_else(|| history.front().filter(|(at, _)| *at < end.0))?;
         Some(Window::between(
             Some(&start.1),
             &end.1,

@@ -115,6 +115,11 @@ async fn call(channel: Gw, rpc: &str, t: &Target) -> Result<String, tonic::Statu
                 .await?
                 .into_inner(),
         ),
+        "KnowledgeBaseService/ReindexKnowledgeBase" => text(
+            &kbs.reindex_knowledge_base(r!(pb::ReindexKnowledgeBaseRequest { name: t.kb.clone() }))
+                .await?
+                .into_inner(),
+        ),
         "DocumentService/UploadDocument" => {
             let messages = vec![
                 pb::UploadDocumentRequest {
@@ -198,6 +203,12 @@ async fn call(channel: Gw, rpc: &str, t: &Target) -> Result<String, tonic::Statu
         "AdminService/GetClusterStatus" => text(
             &admin
                 .get_cluster_status(r!(pb::GetClusterStatusRequest {}))
+                .await?
+                .into_inner(),
+        ),
+        "AdminService/GetMetrics" => text(
+            &admin
+                .get_metrics(r!(pb::GetMetricsRequest::default()))
                 .await?
                 .into_inner(),
         ),
@@ -331,7 +342,7 @@ async fn seed(cluster: &Cluster, key: &str, kb: &str, text: &str) -> (String, St
 /// The weakest role each RPC needs, as the issue defines the roles.
 fn needs(rpc: &str) -> pb::Role {
     let method = rpc.rsplit('/').next().unwrap();
-    if rpc.starts_with("AdminService/") {
+    if rpc.starts_with("AdminService/") || method == "ReindexKnowledgeBase" {
         pb::Role::Admin
     } else if method.starts_with("Get") || method.starts_with("List") || method == "Search" {
         pb::Role::Reader
@@ -427,8 +438,12 @@ async fn tenants_are_isolated_over_every_rpc_and_role() {
                 } else {
                     match method {
                         // A's own "shared": readable and writable by A, B's is untouched.
-                        "GetKnowledgeBase" | "ListDocuments" | "Search" | "IngestText"
-                        | "UploadDocument" => &[Code::Ok],
+                        "GetKnowledgeBase"
+                        | "ListDocuments"
+                        | "Search"
+                        | "IngestText"
+                        | "UploadDocument"
+                        | "ReindexKnowledgeBase" => &[Code::Ok],
                         // A's own "shared": the writer deletes it, so the admin finds it gone.
                         "DeleteKnowledgeBase" if *role == pb::Role::Writer => &[Code::Ok],
                         "DeleteKnowledgeBase" => &[Code::NotFound],
