@@ -41,6 +41,46 @@ async fn embed_counter(cluster: &Cluster, name: &str) -> f64 {
         .sum()
 }
 
+/// CPU seconds (user + system) each service process has used so far.
+fn cpu_seconds(cluster: &Cluster) -> Vec<(&'static str, f64)> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ["gateway", "ingest-svc", "search-svc", "embed-svc"]
+        .into_iter()
+        .map(|name| {
+            let pid = cluster.service(name).pid.expect("pid");
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name (which is in parentheses): utime is the 12th, stime
+            // the 13th.
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (name, (field(11) + field(12)) / ticks)
+        })
+        .collect()
+}
+
+/// Prints where the CPU went between two [`cpu_seconds`] readings.
+fn print_cpu(before: &[(&str, f64)], after: &[(&str, f64)], chunks: u64) {
+    let used: Vec<(&str, f64)> = before
+        .iter()
+        .zip(after)
+        .map(|((name, b), (_, a))| (*name, a - b))
+        .collect();
+    let total: f64 = used.iter().map(|(_, s)| s).sum();
+    let parts: Vec<String> = used
+        .iter()
+        .map(|(name, s)| {
+            format!(
+                "{name} {s:.1} s ({:.0} %, {:.1} ms/chunk)",
+                s / total.max(1e-9) * 100.0,
+                s * 1000.0 / chunks.max(1) as f64
+            )
+        })
+        .collect();
+    println!("  CPU: {}", parts.join(", "));
+}
+
 /// Uploads every document (4 callers, `wait` off) and waits until all are INDEXED; returns the
 /// time from the first upload to the last document indexed, and the chunks written.
 async fn ingest_all(cluster: &Cluster, kb: &str, corpus: &[(String, String)]) -> (Duration, u64) {
@@ -136,6 +176,7 @@ async fn main() {
     }
 
     // 1. Raw embed-svc: batches of 32, WORKERS callers.
+    let raw_cpu_before = cpu_seconds(&cluster);
     let started = Instant::now();
     let mut callers = Vec::new();
     let batches: Vec<Vec<String>> = texts.chunks(BATCH).map(|b| b.to_vec()).collect();
@@ -174,6 +215,7 @@ async fn main() {
         raw.as_secs_f64(),
         raw_rate
     );
+    print_cpu(&raw_cpu_before, &cpu_seconds(&cluster), texts.len() as u64);
 
     // A fresh embed-svc (empty cache) for the ingest run.
     let pid = cluster.service("embed-svc").pid.expect("pid");
@@ -192,7 +234,9 @@ async fn main() {
     // 2. End-to-end ingest.
     create_kb(&cluster, "bench").await;
     let inputs_before = embed_counter(&cluster, "embed_model_inputs_total").await;
+    let cpu_before = cpu_seconds(&cluster);
     let (took, chunks) = ingest_all(&cluster, "bench", &corpus).await;
+    let cpu_after = cpu_seconds(&cluster);
     let inputs = embed_counter(&cluster, "embed_model_inputs_total").await - inputs_before;
     let rate = chunks as f64 / took.as_secs_f64();
     println!(
@@ -207,6 +251,7 @@ async fn main() {
         texts.len() as u64,
         "ingest made other chunks than the raw run"
     );
+    print_cpu(&cpu_before, &cpu_after, chunks);
     println!(
         "pipeline efficiency: {:.2} (ingest chunks/s ÷ raw embed-svc chunks/s; goal ≥ 0.9)",
         rate / raw_rate
