@@ -14,7 +14,9 @@ use crate::blobs::{BlobStore, BlobWriter};
 use crate::downstream::Downstream;
 use crate::error::{Error, Result};
 use crate::extract::{self, ContentType};
-use crate::store::{self, Document, Inserted, KnowledgeBase, Reservation, Retried, Status, Store};
+use crate::store::{
+    self, CatalogStore, Document, Inserted, KnowledgeBase, Reservation, Retried, Status,
+};
 use crate::worker::{self, JobSettings};
 
 /// How a document arrives.
@@ -84,14 +86,12 @@ impl Upload {
 
 /// The catalog: every operation on knowledge bases and documents.
 pub struct Catalog {
-    pub(crate) store: Store,
+    pub(crate) store: Arc<dyn CatalogStore>,
     pub(crate) blobs: BlobStore,
     pub(crate) downstream: Arc<Downstream>,
     /// Wakes the workers when a job is added.
     pub(crate) jobs_added: Arc<Notify>,
     pub(crate) jobs: JobSettings,
-    /// Held while a version of a source is published (see `worker::publish`).
-    pub(crate) publishing: tokio::sync::Mutex<()>,
     limits: Arc<Limits>,
     uploads: Arc<Semaphore>,
 }
@@ -99,7 +99,7 @@ pub struct Catalog {
 impl Catalog {
     /// A catalog over its store, originals and downstream services.
     pub fn new(
-        store: Store,
+        store: Arc<dyn CatalogStore>,
         blobs: BlobStore,
         downstream: Arc<Downstream>,
         limits: Limits,
@@ -111,7 +111,6 @@ impl Catalog {
             downstream,
             jobs_added: Arc::new(Notify::new()),
             jobs,
-            publishing: tokio::sync::Mutex::new(()),
             uploads: Arc::new(Semaphore::new(limits.concurrent_uploads.max(1))),
             limits: Arc::new(limits),
         }
@@ -126,7 +125,7 @@ impl Catalog {
     /// (Also reports the job backlog: `ingest_jobs_waiting` and `ingest_job_backlog_age_seconds`,
     /// the age of the oldest job no worker holds, 0 when none waits.)
     pub async fn check_stores(&self) -> Result<()> {
-        let (waiting, oldest) = self.store.call(|c| Ok(store::backlog(c)?)).await?;
+        let (waiting, oldest) = self.store.backlog().await?;
         let age = oldest.map_or(0.0, |t| (store::now_ms() - t).max(0) as f64 / 1000.0);
         metrics::gauge!("ingest_jobs_waiting").set(waiting as f64);
         metrics::gauge!("ingest_job_backlog_age_seconds").set(age);
@@ -169,7 +168,7 @@ impl Catalog {
             reindex: None,
         };
         let row = fresh.clone();
-        let mut kb = match self.store.call(move |c| store::reserve_kb(c, &row)).await? {
+        let mut kb = match self.store.reserve_kb(&row).await? {
             Reservation::New => fresh,
             Reservation::Unfinished(earlier) => {
                 tracing::info!(kb = %name, id = %earlier.id, "finishing an interrupted create");
@@ -199,20 +198,13 @@ impl Catalog {
                 if !err.is_transient() {
                     // Will never work as asked: free the name again.
                     let id = kb.id.clone();
-                    let _ = self
-                        .store
-                        .call(move |c| store::drop_reservation(c, &id))
-                        .await;
+                    let _ = self.store.drop_reservation(&id).await;
                 }
                 return Err(err);
             }
         };
         let (reserved, serving) = (kb.id.clone(), collection_id.clone());
-        if !self
-            .store
-            .call(move |c| store::activate_kb(c, &reserved, &serving))
-            .await?
-        {
+        if !self.store.activate_kb(&reserved, &serving).await? {
             // A concurrent create of the same name finished it first.
             return Err(Error::AlreadyExists(format!(
                 "knowledge base {name:?} already exists"
@@ -242,7 +234,7 @@ impl Catalog {
         }
         let (tenant, lookup) = (ctx.tenant.clone(), name.to_owned());
         self.store
-            .call(move |c| store::find_kb(c, &tenant, &lookup))
+            .find_kb(&tenant, &lookup)
             .await?
             .ok_or_else(|| Error::NotFound(format!("knowledge base {name:?} not found")))
     }
@@ -256,10 +248,7 @@ impl Catalog {
     ) -> Result<(Vec<KnowledgeBase>, String)> {
         let limit = self.page_limit(page_size, token)?;
         let (tenant, after) = (ctx.tenant.clone(), token.to_owned());
-        let mut page = self
-            .store
-            .call(move |c| store::list_kbs(c, &tenant, &after, limit + 1))
-            .await?;
+        let mut page = self.store.list_kbs(&tenant, &after, limit + 1).await?;
         let next = next_token(
             &mut page,
             limit,
@@ -276,10 +265,10 @@ impl Catalog {
         // Index first: if it fails, nothing changed and the caller can retry.
         self.downstream.delete_collection(ctx, &kb.id).await?;
         let id = kb.id.clone();
-        let removed = self.store.call(move |c| store::delete_kb(c, &id)).await?;
+        let removed = self.store.delete_kb(&id).await?;
         for doc in &removed {
             // A file left behind here is collected by the sweep.
-            if let Err(err) = self.blobs.remove(doc) {
+            if let Err(err) = self.blobs.remove(doc).await {
                 tracing::warn!(document = %doc, error = %err, "could not remove original");
             }
         }
@@ -321,7 +310,7 @@ impl Catalog {
         let id = kb.id.clone();
         let kb = self
             .store
-            .call(move |c| store::start_reindex(c, &id))
+            .start_reindex(&id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("knowledge base {name:?} not found")))?;
         if let Some(progress) = kb.reindex {
@@ -449,26 +438,23 @@ impl Catalog {
         let row = doc.clone();
         // The job continues this call's trace when it runs.
         let trace = smartdb_kit::telemetry::save_trace();
-        let inserted = self
-            .store
-            .call(move |c| store::insert_doc_traced(c, &row, &trace))
-            .await;
+        let inserted = self.store.insert_doc(&row, &trace).await;
         match inserted {
             Ok(Inserted::New(stored)) => {
                 if stored.id != doc.id {
                     // A failed duplicate was queued again; it keeps its own original.
-                    let _ = self.blobs.remove(&doc.id);
+                    let _ = self.blobs.remove(&doc.id).await;
                 }
                 self.jobs_added.notify_waiters();
                 tracing::info!(document = %stored.id, kb = %kb.name, bytes = stored.size_bytes, "document accepted");
                 Ok((stored, false))
             }
             Ok(Inserted::Existing(existing)) => {
-                let _ = self.blobs.remove(&doc.id);
+                let _ = self.blobs.remove(&doc.id).await;
                 Ok((existing, true))
             }
             Err(err) => {
-                let _ = self.blobs.remove(&doc.id);
+                let _ = self.blobs.remove(&doc.id).await;
                 Err(err)
             }
         }
@@ -485,7 +471,7 @@ impl Catalog {
         while !doc.status.is_terminal() && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let id = doc.id.clone();
-            match self.store.call(move |c| store::doc_by_id(c, &id)).await? {
+            match self.store.doc_by_id(&id).await? {
                 Some(d) => doc = d,
                 None => return Err(Error::NotFound(format!("document {} was deleted", doc.id))),
             }
@@ -506,15 +492,11 @@ impl Catalog {
         }
         limits::check_len(id, limits::ID_BYTES).map_err(|m| Error::invalid("document_id", m))?;
         let (kb_id, doc_id) = (kb.id.clone(), id.to_owned());
-        let doc = self
-            .store
-            .call(move |c| store::get_doc(c, &kb_id, &doc_id))
-            .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "document {id:?} not found in knowledge base {kb_name:?}"
-                ))
-            })?;
+        let doc = self.store.get_doc(&kb_id, &doc_id).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "document {id:?} not found in knowledge base {kb_name:?}"
+            ))
+        })?;
         Ok((kb, doc))
     }
 
@@ -529,10 +511,7 @@ impl Catalog {
         let kb = self.get_kb(ctx, "knowledge_base", kb_name).await?;
         let limit = self.page_limit(page_size, token)?;
         let (kb_id, after) = (kb.id.clone(), token.to_owned());
-        let mut page = self
-            .store
-            .call(move |c| store::list_docs(c, &kb_id, &after, limit + 1))
-            .await?;
+        let mut page = self.store.list_docs(&kb_id, &after, limit + 1).await?;
         let next = next_token(
             &mut page,
             limit,
@@ -552,11 +531,7 @@ impl Catalog {
     ) -> Result<Document> {
         let (kb, doc) = self.get_document(ctx, kb_name, id).await?;
         let (kb_id, doc_id) = (kb.id.clone(), doc.id.clone());
-        match self
-            .store
-            .call(move |c| store::retry_doc(c, &kb_id, &doc_id))
-            .await?
-        {
+        match self.store.retry_doc(&kb_id, &doc_id).await? {
             Some(Retried::Queued(doc)) => {
                 self.jobs_added.notify_waiters();
                 tracing::info!(document = %doc.id, "failed document queued again");
@@ -587,13 +562,8 @@ impl Catalog {
         let (_kb, doc) = self.get_document(ctx, kb_name, id).await?;
         let doc_id = doc.id.clone();
         let lease = self.jobs.lease_ms();
-        let job = self
-            .store
-            .call(move |c| {
-                store::mark_deleting(c, &doc_id)?;
-                store::claim_job(c, lease, u32::MAX, Some(&doc_id))
-            })
-            .await?;
+        self.store.mark_deleting(&doc_id).await?;
+        let job = self.store.claim_job(lease, u32::MAX, Some(&doc_id)).await?;
         match job {
             Some(job) => match worker::run_delete(self, ctx, &job).await {
                 Ok(removed) => Ok(Some(removed)),
@@ -601,14 +571,7 @@ impl Catalog {
                     // The delete is recorded; a worker finishes it when the index is back.
                     tracing::warn!(document = %job.document_id, error = %err, "delete deferred");
                     self.store
-                        .call(move |c| {
-                            store::release_job(
-                                c,
-                                &job,
-                                1000,
-                                store::Release::GiveBack { outage: true },
-                            )
-                        })
+                        .release_job(&job, 1000, store::Release::GiveBack { outage: true })
                         .await?;
                     self.jobs_added.notify_waiters();
                     Ok(None)
@@ -625,30 +588,17 @@ impl Catalog {
     /// Removes originals and temp files that no document points at and that are older than
     /// `grace`; returns how many were removed.
     pub async fn collect_garbage(&self, grace: Duration) -> Result<usize> {
-        let blobs = self.blobs.clone();
-        let (removed, candidates) = tokio::task::spawn_blocking(move || blobs.sweep_start(grace))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
-        let ids = candidates.clone();
-        let referenced = self
-            .store
-            .call(move |c| store::existing_docs(c, &ids))
-            .await?;
-        let blobs = self.blobs.clone();
+        let (removed, candidates) = self.blobs.sweep_start(grace).await?;
+        let referenced = self.store.existing_docs(&candidates).await?;
         let orphans: Vec<String> = candidates
             .into_iter()
             .filter(|id| !referenced.contains(id))
             .collect();
         let count = orphans.len();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            for id in orphans {
-                tracing::info!(original = %id, "removing an original no document points at");
-                blobs.remove(&id)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+        for id in orphans {
+            tracing::info!(original = %id, "removing an original no document points at");
+            self.blobs.remove(&id).await?;
+        }
         Ok(removed + count)
     }
 

@@ -35,6 +35,16 @@ pub struct Config {
     /// Directory of the catalog and the originals (default: `<SMARTDB_DATA_DIR>/ingest`).
     #[arg(long, env = "SMARTDB_INGEST_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Keep the catalog (knowledge bases, documents, jobs) in MongoDB instead of the SQLite file
+    /// in `--data-dir`, e.g. `mongodb://db-0,db-1,db-2/smartdb?replicaSet=rs0`: what several
+    /// ingest-svc replicas must share (they then share the job queue). Originals then go to
+    /// GridFS in the same database (uploads still spool to `--data-dir` while they arrive).
+    /// The database is the URI's, else `smartdb`; the collections are `ingest.*`.
+    #[arg(long, env = "SMARTDB_INGEST_MONGODB_URI", hide_env_values = true)]
+    pub mongodb_uri: Option<String>,
+    /// Most connections to MongoDB at once (the driver's pool size).
+    #[arg(long, env = "SMARTDB_INGEST_MONGODB_POOL", default_value_t = 16)]
+    pub mongodb_pool: u32,
     /// Address of embed-svc: `host:port`, a comma-separated list of replicas, or a DNS name
     /// resolving to all of them (re-resolved every few seconds).
     #[arg(long, env = "SMARTDB_EMBED_ADDR", default_value = "127.0.0.1:50054")]
@@ -76,7 +86,6 @@ pub async fn serve(
     let data_dir = smartdb_kit::config::service_data_dir(config.data_dir.as_ref(), "ingest")?;
     let limits = config.server.limits.clone();
     limits.validate()?;
-    let store = store::Store::open(&data_dir.join("catalog.db"))?;
     let keys = match &config.encryption_key_file {
         Some(path) => {
             let keys = encryption::Keyring::load(path)?;
@@ -85,7 +94,29 @@ pub async fn serve(
         }
         None => None,
     };
-    let blobs = blobs::BlobStore::open(&data_dir.join("originals"), keys)?;
+    let originals_dir = data_dir.join("originals");
+    let shared = config
+        .mongodb_uri
+        .as_deref()
+        .is_some_and(|u| !u.trim().is_empty());
+    let (store, blobs): (Arc<dyn store::CatalogStore>, _) = match config
+        .mongodb_uri
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    {
+        Some(uri) => {
+            let mongo = store::MongoStore::open(uri, config.mongodb_pool).await?;
+            let originals = Arc::new(blobs::gridfs::GridFsOriginals::new(mongo.database()));
+            tracing::info!("catalog and originals in MongoDB");
+            let blobs = blobs::BlobStore::with_originals(&originals_dir, originals, keys)?;
+            (Arc::new(mongo), blobs)
+        }
+        None => (
+            Arc::new(store::SqliteStore::open(&data_dir.join("catalog.db"))?),
+            blobs::BlobStore::open(&originals_dir, keys)?,
+        ),
+    };
     let clients = config.server.client_settings()?;
     let downstream = Arc::new(downstream::Downstream::new(
         Client::connect("embed-svc", &config.embed_addr, &clients).await?,
@@ -104,8 +135,13 @@ pub async fn serve(
         limits.clone(),
         jobs,
     ));
-    // Nothing is uploading yet: whatever a crashed process left behind can go now.
-    match catalog.collect_garbage(Duration::ZERO).await {
+    // Files younger than the longest upload may belong to one in flight.
+    let grace = limits.max_deadline.max(Duration::from_secs(3600));
+    // Nothing is uploading yet here: whatever a crashed process left behind can go now, unless
+    // the originals are shared, where another replica may be between storing an original and
+    // committing its row.
+    let startup_grace = if shared { grace } else { Duration::ZERO };
+    match catalog.collect_garbage(startup_grace).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(files = n, "removed leftovers of earlier crashes"),
         Err(err) => tracing::warn!(error = %err, "cannot collect garbage"),
@@ -122,8 +158,6 @@ pub async fn serve(
     }
     let gc = {
         let catalog = catalog.clone();
-        // Files younger than the longest upload may belong to one in flight.
-        let grace = limits.max_deadline.max(Duration::from_secs(3600));
         let every = config.gc_interval.max(Duration::from_secs(1));
         tokio::spawn(async move {
             loop {

@@ -23,7 +23,7 @@ use crate::chunk::Chunk;
 use crate::downstream::point_id;
 use crate::error::{Error, Result};
 use crate::extract::{self, ContentType};
-use crate::store::{self, Document, Job, JobKind, Release, Status};
+use crate::store::{Document, Job, JobKind, Release, Status};
 
 /// How jobs are run.
 #[derive(Debug, Clone)]
@@ -64,11 +64,7 @@ pub async fn run(catalog: Arc<Catalog>, id: usize, mut stop: watch::Receiver<boo
         // Register interest before looking, so a job added meanwhile still wakes us.
         let added = catalog.jobs_added.clone();
         let notified = added.notified();
-        match catalog
-            .store
-            .call(move |c| store::claim_job(c, lease, max_attempts, None))
-            .await
-        {
+        match catalog.store.claim_job(lease, max_attempts, None).await {
             Ok(Some(job)) => {
                 process(&catalog, job, stop.clone()).await;
                 continue;
@@ -76,7 +72,7 @@ pub async fn run(catalog: Arc<Catalog>, id: usize, mut stop: watch::Receiver<boo
             Ok(None) => {}
             Err(err) => tracing::error!(worker = id, error = %err, "cannot claim jobs"),
         }
-        let wait = match catalog.store.call(|c| store::next_job_in(c)).await {
+        let wait = match catalog.store.next_job_in().await {
             Ok(Some(ms)) => Duration::from_millis(ms.clamp(10, 1000) as u64),
             _ => Duration::from_secs(1),
         };
@@ -109,10 +105,7 @@ async fn process(catalog: &Catalog, job: Job, mut stop: watch::Receiver<bool>) {
             loop {
                 tokio::time::sleep(every).await;
                 let job = job.clone();
-                match store
-                    .call(move |c| store::renew_lease(c, &job, lease))
-                    .await
-                {
+                match store.renew_lease(&job, lease).await {
                     Ok(true) => {}
                     Ok(false) => return,
                     // The catalog hiccuped: keep trying until the lease is really gone.
@@ -157,7 +150,7 @@ async fn process(catalog: &Catalog, job: Job, mut stop: watch::Receiver<bool>) {
             let held = job.clone();
             let released = catalog
                 .store
-                .call(move |c| store::release_job(c, &held, 0, Release::GiveBack { outage: false }))
+                .release_job(&held, 0, Release::GiveBack { outage: false })
                 .await;
             match released {
                 Ok(()) => tracing::info!(document = %job.document_id, "job released for shutdown"),
@@ -249,17 +242,17 @@ async fn fail_or_retry(catalog: &Catalog, job: &Job, err: Error) {
         }
     };
     let delay_ms = delay.as_millis() as i64;
-    let result = catalog
-        .store
-        .call(move |c| {
-            // A quiet reindex leaves its INDEXED document as it is while it waits.
-            if let (JobKind::Index, false, Some((status, reason))) = (job.kind, job.quiet, &status)
-            {
-                store::set_status(c, &job.document_id, *status, reason)?;
-            }
-            store::release_job(c, &job, delay_ms, release)
-        })
-        .await;
+    let result = async {
+        // A quiet reindex leaves its INDEXED document as it is while it waits.
+        if let (JobKind::Index, false, Some((status, reason))) = (job.kind, job.quiet, &status) {
+            catalog
+                .store
+                .set_status(&job.document_id, *status, reason)
+                .await?;
+        }
+        catalog.store.release_job(&job, delay_ms, release).await
+    }
+    .await;
     if let Err(err) = result {
         tracing::error!(error = %err, "cannot record job outcome");
     }
@@ -267,13 +260,14 @@ async fn fail_or_retry(catalog: &Catalog, job: &Job, err: Error) {
 
 async fn fail(catalog: &Catalog, job: Job, reason: String) {
     tracing::error!(document = %job.document_id, error = %reason, "indexing failed for good");
-    let result = catalog
-        .store
-        .call(move |c| {
-            store::set_status(c, &job.document_id, Status::Failed, &reason)?;
-            store::complete_job(c, &job)
-        })
-        .await;
+    let result = async {
+        catalog
+            .store
+            .set_status(&job.document_id, Status::Failed, &reason)
+            .await?;
+        catalog.store.complete_job(&job).await
+    }
+    .await;
     if let Err(err) = result {
         tracing::error!(error = %err, "cannot record job outcome");
     }
@@ -282,16 +276,14 @@ async fn fail(catalog: &Catalog, job: Job, reason: String) {
 /// Extract → chunk → embed → store → INDEXED. Stops quietly if the document is being deleted.
 async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     let id = job.document_id.clone();
-    let found = catalog
-        .store
-        .call(move |c| {
-            let Some(doc) = store::doc_by_id(c, &id)? else {
-                return Ok(None);
-            };
-            let kb = store::kb_by_id(c, &doc.kb_id)?;
-            Ok(kb.map(|kb| (doc, kb)))
-        })
-        .await?;
+    let found = match catalog.store.doc_by_id(&id).await? {
+        Some(doc) => catalog
+            .store
+            .kb_by_id(&doc.kb_id)
+            .await?
+            .map(|kb| (doc, kb)),
+        None => None,
+    };
     let Some((doc, kb)) = found else {
         return finish(catalog, job).await;
     };
@@ -302,10 +294,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     if !set_status(catalog, &doc.id, step(Status::Parsing)).await? {
         return finish(catalog, job).await;
     }
-    let (blobs, doc_id) = (catalog.blobs.clone(), doc.id.clone());
-    let bytes = tokio::task::spawn_blocking(move || blobs.get(&doc_id))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+    let bytes = catalog.blobs.get(&doc.id).await?;
     let content_type = ContentType::parse(&doc.content_type).unwrap_or(ContentType::Plain);
     let limits = catalog.limits().clone();
     let extracted =
@@ -345,7 +334,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     let (doc_id, embedding) = (doc.id.clone(), step(Status::Embedding));
     if !catalog
         .store
-        .call(move |c| store::set_chunk_count(c, &doc_id, count, embedding))
+        .set_chunk_count(&doc_id, count, embedding)
         .await?
     {
         return finish(catalog, job).await;
@@ -429,27 +418,44 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
 /// versions (they are deleted next, by their delete jobs). If a newer version was indexed
 /// first, this one is outdated: it is deleted instead, and never shown.
 ///
-/// Publishes run one at a time, so two versions finishing together cannot both replace the
-/// other. A crash after the swap and before the catalog records it re-runs the job, which
-/// hides this version again until it publishes it again: searches then briefly see neither
-/// version, never both.
+/// Publishes of one source run one at a time, across replicas (the catalog's source lock), so
+/// two versions finishing together cannot both replace the other. A crash after the swap and
+/// before the catalog records it re-runs the job, which hides this version again until it
+/// publishes it again: searches then briefly see neither version, never both.
 async fn publish(catalog: &Catalog, ctx: &CallContext, doc: &Document) -> Result<()> {
-    let _one_at_a_time = catalog.publishing.lock().await;
-    let current = doc.clone();
-    let others = catalog
+    // Held at most a lease: a replica that dies holding it frees it when that runs out.
+    let ttl = catalog.jobs.lease_ms();
+    let token = loop {
+        if let Some(token) = catalog
+            .store
+            .lock_source(&doc.kb_id, &doc.source_id, ttl)
+            .await?
+        {
+            break token;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let result = publish_locked(catalog, ctx, doc).await;
+    if let Err(err) = catalog
         .store
-        .call(move |c| store::other_versions(c, &current))
-        .await?;
+        .unlock_source(&doc.kb_id, &doc.source_id, token)
+        .await
+    {
+        tracing::warn!(document = %doc.id, error = %err, "cannot free the source lock; it expires");
+    }
+    result
+}
+
+async fn publish_locked(catalog: &Catalog, ctx: &CallContext, doc: &Document) -> Result<()> {
+    let current = doc.clone();
+    let others = catalog.store.other_versions(&current).await?;
     if let Some(newer) = others
         .iter()
         .find(|o| o.status == Status::Indexed && o.is_newer_than(doc))
     {
         tracing::info!(document = %doc.id, newer = %newer.id, source = %doc.source_id, "outdated version of a source, deleting it");
         let id = doc.id.clone();
-        return catalog
-            .store
-            .call(move |c| store::mark_deleting(c, &id))
-            .await;
+        return catalog.store.mark_deleting(&id).await;
     }
     let older: Vec<String> = others
         .iter()
@@ -461,10 +467,7 @@ async fn publish(catalog: &Catalog, ctx: &CallContext, doc: &Document) -> Result
         .update_hidden(ctx, &doc.kb_id, older.clone(), vec![doc.id.clone()])
         .await?;
     let (id, replaced) = (doc.id.clone(), older.clone());
-    let published = catalog
-        .store
-        .call(move |c| store::publish_version(c, &id, &replaced))
-        .await?;
+    let published = catalog.store.publish_version(&id, &replaced).await?;
     if !published {
         // Deleted meanwhile: put the swap back; its delete job removes its points.
         tracing::info!(document = %doc.id, "version deleted while being published; swap undone");
@@ -512,11 +515,7 @@ pub fn embedded_text(title: &str, chunk: &Chunk) -> String {
 /// of point ids removed.
 pub(crate) async fn run_delete(catalog: &Catalog, ctx: &CallContext, job: &Job) -> Result<u32> {
     let id = job.document_id.clone();
-    let Some(doc) = catalog
-        .store
-        .call(move |c| store::doc_by_id(c, &id))
-        .await?
-    else {
+    let Some(doc) = catalog.store.doc_by_id(&id).await? else {
         finish(catalog, job).await?;
         return Ok(0);
     };
@@ -541,33 +540,21 @@ pub(crate) async fn run_delete(catalog: &Catalog, ctx: &CallContext, job: &Job) 
             Err(err) => return Err(err),
         }
     }
-    let (blobs, doc_id) = (catalog.blobs.clone(), doc.id.clone());
-    tokio::task::spawn_blocking(move || blobs.remove(&doc_id))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+    catalog.blobs.remove(&doc.id).await?;
     let doc_id = doc.id.clone();
-    catalog
-        .store
-        .call(move |c| store::remove_doc(c, &doc_id))
-        .await?;
+    catalog.store.remove_doc(&doc_id).await?;
     tracing::info!(document = %doc.id, chunks = doc.max_chunk_count, "document deleted");
     Ok(doc.max_chunk_count)
 }
 
 async fn set_status(catalog: &Catalog, id: &str, status: Status) -> Result<bool> {
     let id = id.to_owned();
-    catalog
-        .store
-        .call(move |c| store::set_status(c, &id, status, ""))
-        .await
+    catalog.store.set_status(&id, status, "").await
 }
 
 async fn finish(catalog: &Catalog, job: &Job) -> Result<()> {
     let job = job.clone();
-    catalog
-        .store
-        .call(move |c| store::complete_job(c, &job))
-        .await
+    catalog.store.complete_job(&job).await
 }
 
 #[cfg(test)]
@@ -649,10 +636,13 @@ mod in_flight {
     use crate::blobs::BlobStore;
     use crate::catalog::{Arrival, NewDocument};
     use crate::downstream::Downstream;
+    use crate::store;
     use smartdb_kit::limits::Limits;
 
     struct Fixture {
         catalog: Arc<Catalog>,
+        /// The catalog's store, for SQL the trait does not offer (lease rows).
+        sqlite: store::SqliteStore,
         _dir: tempfile::TempDir,
         _stalled: tokio::net::TcpListener,
     }
@@ -677,8 +667,9 @@ mod in_flight {
             client("search-svc").await.unwrap(),
             limits.chunk_bytes,
         ));
+        let sqlite = store::SqliteStore::open(&dir.path().join("catalog.db")).unwrap();
         let catalog = Arc::new(Catalog::new(
-            store::Store::open(&dir.path().join("catalog.db")).unwrap(),
+            Arc::new(sqlite.clone()),
             BlobStore::open(&dir.path().join("originals"), None).unwrap(),
             downstream,
             limits,
@@ -690,6 +681,7 @@ mod in_flight {
         ));
         Fixture {
             catalog,
+            sqlite,
             _dir: dir,
             _stalled: stalled,
         }
@@ -725,15 +717,8 @@ mod in_flight {
             ready: false,
             reindex: None,
         };
-        let id = kb.id.clone();
-        catalog
-            .store
-            .call(move |c| {
-                store::reserve_kb(c, &kb)?;
-                store::activate_kb(c, &id, &id)
-            })
-            .await
-            .unwrap();
+        catalog.store.reserve_kb(&kb).await.unwrap();
+        assert!(catalog.store.activate_kb(&kb.id, &kb.id).await.unwrap());
         let ctx =
             CallContext::background(smartdb_kit::context::DEFAULT_TENANT, Duration::from_secs(5));
         let mut upload = catalog
@@ -759,16 +744,15 @@ mod in_flight {
         let lease = catalog.jobs.lease_ms();
         catalog
             .store
-            .call(move |c| store::claim_job(c, lease, 3, None))
+            .claim_job(lease, 3, None)
             .await
             .unwrap()
             .expect("a job")
     }
 
-    async fn job_row(catalog: &Catalog, id: &str) -> (i64, i64, u32) {
+    async fn job_row(sqlite: &store::SqliteStore, id: &str) -> (i64, i64, u32) {
         let id = id.to_owned();
-        catalog
-            .store
+        sqlite
             .call(move |c| {
                 Ok(c.query_row(
                     "SELECT lease_token, lease_until, attempts FROM jobs WHERE document_id = ?1",
@@ -796,8 +780,7 @@ mod in_flight {
         // Another worker takes the job over (as after a stall longer than the lease).
         let thief = 42;
         let stolen = id.clone();
-        f.catalog
-            .store
+        f.sqlite
             .call(move |c| {
                 Ok(c.execute(
                     "UPDATE jobs SET lease_token = ?2 WHERE document_id = ?1",
@@ -811,7 +794,7 @@ mod in_flight {
             .expect("the worker keeps going without its lease")
             .unwrap();
         // It left the job to its new owner.
-        assert_eq!(job_row(&f.catalog, &id).await.0, thief);
+        assert_eq!(job_row(&f.sqlite, &id).await.0, thief);
     }
 
     #[tokio::test]
@@ -819,7 +802,7 @@ mod in_flight {
         let f = fixture(Duration::from_secs(60)).await;
         let id = queued_document(&f.catalog).await;
         let job = claim(&f.catalog).await;
-        assert_eq!(job_row(&f.catalog, &id).await.2, 1);
+        assert_eq!(job_row(&f.sqlite, &id).await.2, 1);
         let (stop_tx, stop) = watch::channel(false);
         let catalog = f.catalog.clone();
         let worker = tokio::spawn(async move { process(&catalog, job, stop).await });
@@ -829,7 +812,7 @@ mod in_flight {
             .await
             .expect("the worker ignores shutdown")
             .unwrap();
-        let (_, lease_until, attempts) = job_row(&f.catalog, &id).await;
+        let (_, lease_until, attempts) = job_row(&f.sqlite, &id).await;
         assert_eq!(lease_until, 0, "a restart would wait out the lease");
         assert_eq!(attempts, 0, "a shutdown is not the document's fault");
         // The job can be claimed again right away.

@@ -10,6 +10,8 @@ pub mod context;
 pub mod ids;
 pub mod limits;
 pub mod metrics;
+#[cfg(feature = "mongodb")]
+pub mod mongo;
 pub mod redis;
 pub mod server;
 pub mod shutdown;

@@ -54,7 +54,12 @@ fn cpu_seconds(cluster: &Cluster) -> Vec<(&'static str, f64)> {
             // the 13th.
             let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
             let fields: Vec<&str> = after.split_whitespace().collect();
-            let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            let field = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
             (name, (field(11) + field(12)) / ticks)
         })
         .collect()

@@ -1,14 +1,21 @@
-//! Originals on disk: each accepted file is streamed to a temp file as it arrives (hashed and
-//! checked on the way, never held whole in memory), fsynced, and renamed into place before its
-//! document row is committed, so an acknowledged upload can always be indexed again.
+//! Originals: each accepted file is streamed to a local temp file as it arrives (hashed and
+//! checked on the way, never held whole in memory), made durable, and handed to the
+//! [`OriginalStore`] before its document row is committed, so an acknowledged upload can always
+//! be indexed again. The embedded default keeps originals as files next to the temp files
+//! ([`FileOriginals`]); with MongoDB they go to GridFS ([`gridfs::GridFsOriginals`]), where
+//! every ingest-svc replica finds them.
 //!
-//! Files no document points at (an upload that crashed midway, a delete whose file removal
+//! Originals no document points at (an upload that crashed midway, a delete whose removal
 //! failed) are garbage-collected, starting with [`BlobStore::sweep_start`].
 //!
-//! Layout (the file name says the format, so nothing in the catalog changes): `<id>` is a
-//! plain original, `<id>.enc` an encrypted one ([`crate::encryption`]), written when a key is
+//! Naming (the name says the format, so nothing in the catalog changes): `<id>` is a plain
+//! original, `<id>.enc` an encrypted one ([`crate::encryption`]), written when a key is
 //! configured. Both stay readable whatever the configuration, so encryption can be turned on
 //! for a store that already holds plain originals.
+
+#[cfg(test)]
+mod conformance;
+pub mod gridfs;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -27,43 +34,142 @@ const TMP_DIR: &str = "tmp";
 /// Suffix of encrypted originals.
 const SEALED: &str = ".enc";
 
-/// A directory of original files, named by document id.
+/// Where finished originals are kept, by name (`<id>` or `<id>.enc`).
+#[tonic::async_trait]
+pub trait OriginalStore: Send + Sync {
+    /// Stores the finished, fsynced file at `file` as `name`, durably, replacing any `name`.
+    /// The file may be moved away.
+    async fn put(&self, name: &str, file: &Path) -> Result<()>;
+    /// The bytes stored as `name`; None if there is none.
+    async fn get(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Whether `name` is stored.
+    async fn exists(&self, name: &str) -> Result<bool>;
+    /// Removes `name`; a missing one is fine.
+    async fn remove(&self, name: &str) -> Result<()>;
+    /// Names stored at least `grace` ago.
+    async fn older_than(&self, grace: Duration) -> Result<Vec<String>>;
+}
+
+/// Originals as files in one directory (the embedded default).
 #[derive(Debug, Clone)]
-pub struct BlobStore {
+pub struct FileOriginals {
     dir: PathBuf,
+}
+
+impl FileOriginals {
+    /// Originals in `dir` (created if missing).
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl OriginalStore for FileOriginals {
+    async fn put(&self, name: &str, file: &Path) -> Result<()> {
+        let (file, dir, target) = (file.to_owned(), self.dir.clone(), self.dir.join(name));
+        // Rename, then fsync the directory: the new name is durable before the row commits.
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            std::fs::rename(&file, target)?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        match tokio::fs::read(self.dir.join(name)).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn exists(&self, name: &str) -> Result<bool> {
+        Ok(tokio::fs::try_exists(self.dir.join(name)).await?)
+    }
+
+    async fn remove(&self, name: &str) -> Result<()> {
+        match tokio::fs::remove_file(self.dir.join(name)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn older_than(&self, grace: Duration) -> Result<Vec<String>> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+            let mut names = Vec::new();
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                if !entry.file_type()?.is_file() {
+                    continue;
+                }
+                if let Some(name) = entry.file_name().to_str()
+                    && is_old(&entry.path(), grace)
+                {
+                    names.push(name.to_owned());
+                }
+            }
+            Ok(names)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+}
+
+fn is_old(path: &Path, grace: Duration) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age >= grace)
+}
+
+/// Originals: a local spool for uploads in flight, and an [`OriginalStore`] for finished ones.
+#[derive(Clone)]
+pub struct BlobStore {
+    /// Temp files of uploads in flight.
+    spool: PathBuf,
+    originals: Arc<dyn OriginalStore>,
     /// Keys when encryption at rest is on: new originals are encrypted with the first.
     keys: Option<Arc<Keyring>>,
 }
 
 impl BlobStore {
-    /// Opens (creating) the store at `dir`; with `keys`, new originals are encrypted.
+    /// Originals as files in `dir` (uploads spool to `dir/tmp`); with `keys`, new originals are
+    /// encrypted.
     pub fn open(dir: &Path, keys: Option<Keyring>) -> Result<Self> {
-        std::fs::create_dir_all(dir.join(TMP_DIR))?;
+        let originals = Arc::new(FileOriginals::open(dir)?);
+        Self::with_originals(dir, originals, keys)
+    }
+
+    /// Originals in `originals`; uploads spool to `dir/tmp`.
+    pub fn with_originals(
+        dir: &Path,
+        originals: Arc<dyn OriginalStore>,
+        keys: Option<Keyring>,
+    ) -> Result<Self> {
+        let spool = dir.join(TMP_DIR);
+        std::fs::create_dir_all(&spool)?;
         Ok(Self {
-            dir: dir.to_owned(),
+            spool,
+            originals,
             keys: keys.map(Arc::new),
         })
     }
 
-    fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(id)
-    }
-
-    fn sealed_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}{SEALED}"))
-    }
-
     /// Starts streaming a new original to a temp file.
     pub async fn writer(&self) -> Result<BlobWriter> {
-        let tmp = self
-            .dir
-            .join(TMP_DIR)
-            .join(uuid::Uuid::new_v4().to_string());
+        let tmp = self.spool.join(uuid::Uuid::new_v4().to_string());
         let file = tokio::fs::File::create(&tmp).await?;
         Ok(BlobWriter {
             file: Some(file),
             tmp,
-            dir: self.dir.clone(),
+            originals: self.originals.clone(),
             keys: self.keys.clone(),
             sealer: self.keys.as_ref().map(|k| k.sealer()),
             hasher: Sha256::new(),
@@ -74,65 +180,58 @@ impl BlobStore {
     }
 
     /// Reads the original of `id` (decrypted if it was stored encrypted).
-    pub fn get(&self, id: &str) -> Result<Vec<u8>> {
-        match std::fs::read(self.sealed_path(id)) {
-            Ok(sealed) => encryption::open(
+    pub async fn get(&self, id: &str) -> Result<Vec<u8>> {
+        if let Some(sealed) = self.originals.get(&format!("{id}{SEALED}")).await? {
+            return encryption::open(
                 self.keys.as_deref(),
                 &sealed,
                 &format!("the original of document {id}"),
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(std::fs::read(self.path(id))?),
-            Err(e) => Err(e.into()),
+            );
         }
+        self.originals
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("the original of document {id} is missing")))
     }
 
     /// Whether the original of `id` is stored encrypted (false also when there is none).
-    pub fn is_encrypted(&self, id: &str) -> bool {
-        self.sealed_path(id).exists()
+    pub async fn is_encrypted(&self, id: &str) -> Result<bool> {
+        self.originals.exists(&format!("{id}{SEALED}")).await
     }
 
-    /// Removes the original of `id`, whichever form it has; a missing file is fine.
-    pub fn remove(&self, id: &str) -> Result<()> {
-        for path in [self.path(id), self.sealed_path(id)] {
-            match std::fs::remove_file(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
-            }
-        }
-        Ok(())
+    /// Removes the original of `id`, whichever form it has; a missing one is fine.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        self.originals.remove(id).await?;
+        self.originals.remove(&format!("{id}{SEALED}")).await
     }
 
     /// First half of a sweep: removes temp files older than `grace` (uploads that never
     /// finished) and returns how many, with the ids of originals older than `grace`, which the
     /// caller checks against the catalog before removing the unreferenced ones. `grace` must
-    /// exceed the longest upload, since an upload writes its file before its row.
-    pub fn sweep_start(&self, grace: Duration) -> Result<(usize, Vec<String>)> {
-        let old = |path: &Path| -> bool {
-            std::fs::metadata(path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| SystemTime::now().duration_since(t).ok())
-                .is_some_and(|age| age >= grace)
-        };
-        let mut removed = 0;
-        for entry in std::fs::read_dir(self.dir.join(TMP_DIR))? {
-            let path = entry?.path();
-            if old(&path) && std::fs::remove_file(&path).is_ok() {
-                removed += 1;
+    /// exceed the longest upload, since an upload stores its original before its row.
+    pub async fn sweep_start(&self, grace: Duration) -> Result<(usize, Vec<String>)> {
+        let spool = self.spool.clone();
+        let removed = tokio::task::spawn_blocking(move || -> Result<usize> {
+            let mut removed = 0;
+            for entry in std::fs::read_dir(spool)? {
+                let path = entry?.path();
+                if is_old(&path, grace) && std::fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
             }
-        }
-        let mut candidates = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            if !entry.file_type()?.is_file() {
-                continue;
-            }
-            if let Some(name) = entry.file_name().to_str()
-                && old(&entry.path())
-            {
-                candidates.push(name.strip_suffix(SEALED).unwrap_or(name).to_owned());
-            }
-        }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        let mut candidates: Vec<String> = self
+            .originals
+            .older_than(grace)
+            .await?
+            .into_iter()
+            .map(|name| name.strip_suffix(SEALED).map(str::to_owned).unwrap_or(name))
+            .collect();
+        candidates.sort();
+        candidates.dedup();
         Ok((removed, candidates))
     }
 }
@@ -143,7 +242,7 @@ impl BlobStore {
 pub struct BlobWriter {
     file: Option<tokio::fs::File>,
     tmp: PathBuf,
-    dir: PathBuf,
+    originals: Arc<dyn OriginalStore>,
     keys: Option<Arc<Keyring>>,
     sealer: Option<Sealer>,
     hasher: Sha256,
@@ -229,22 +328,19 @@ impl BlobWriter {
         })
     }
 
-    /// Moves the finished file into place as the original of `id`, durably (rename, then fsync
-    /// of the directory).
+    /// Stores the finished file as the original of `id`, durably.
     pub async fn commit(self, id: &str) -> Result<()> {
+        if self.file.is_some() {
+            return Err(Error::Internal(
+                "an original was committed before it was finished".into(),
+            ));
+        }
         let name = match self.keys {
             Some(_) => format!("{id}{SEALED}"),
             None => id.to_owned(),
         };
-        let (tmp, dir, target) = (self.tmp.clone(), self.dir.clone(), self.dir.join(name));
-        // The rename happened (or failed) before Drop runs; Drop then finds nothing to remove.
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            std::fs::rename(&tmp, target)?;
-            std::fs::File::open(&dir)?.sync_all()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
+        // Whatever is left of the temp file afterwards, Drop removes.
+        self.originals.put(&name, &self.tmp).await
     }
 }
 
@@ -348,14 +444,14 @@ mod tests {
         assert_eq!(written.prefix, b"hello world");
         assert!(written.utf8.is_ok() && written.has_content && !written.has_nul);
         writer.commit("a").await.unwrap();
-        assert_eq!(blobs.get("a").unwrap(), b"hello world");
+        assert_eq!(blobs.get("a").await.unwrap(), b"hello world");
         assert_eq!(
             std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(),
             0
         );
-        blobs.remove("a").unwrap();
-        blobs.remove("a").unwrap();
-        assert!(blobs.get("a").is_err());
+        blobs.remove("a").await.unwrap();
+        blobs.remove("a").await.unwrap();
+        assert!(blobs.get("a").await.is_err());
     }
 
     #[tokio::test]
@@ -383,13 +479,14 @@ mod tests {
         assert_eq!(writer.read_back().unwrap(), text.as_bytes());
         writer.commit("new").await.unwrap();
 
-        assert!(blobs.is_encrypted("new") && !blobs.is_encrypted("old"));
+        assert!(blobs.is_encrypted("new").await.unwrap());
+        assert!(!blobs.is_encrypted("old").await.unwrap());
         let on_disk = std::fs::read(dir.path().join("new.enc")).unwrap();
         assert!(!on_disk.windows(16).any(|w| w == b"a secret sentenc"));
-        assert_eq!(blobs.get("new").unwrap(), text.as_bytes());
-        assert_eq!(blobs.get("old").unwrap(), b"stored before encryption");
+        assert_eq!(blobs.get("new").await.unwrap(), text.as_bytes());
+        assert_eq!(blobs.get("old").await.unwrap(), b"stored before encryption");
         // Without the key: a clear error, never the ciphertext.
-        let err = plain.get("new").unwrap_err();
+        let err = plain.get("new").await.unwrap_err();
         assert!(
             err.to_string().contains("no encryption key is configured"),
             "{err}"
@@ -404,12 +501,12 @@ mod tests {
                 .set_modified(an_hour_ago)
                 .unwrap();
         }
-        let (_, mut candidates) = blobs.sweep_start(Duration::from_secs(60)).unwrap();
+        let (_, mut candidates) = blobs.sweep_start(Duration::from_secs(60)).await.unwrap();
         candidates.sort();
         assert_eq!(candidates, ["new", "old"]);
-        blobs.remove("new").unwrap();
-        blobs.remove("old").unwrap();
-        assert!(blobs.get("new").is_err() && blobs.get("old").is_err());
+        blobs.remove("new").await.unwrap();
+        blobs.remove("old").await.unwrap();
+        assert!(blobs.get("new").await.is_err() && blobs.get("old").await.is_err());
     }
 
     #[tokio::test]
@@ -425,8 +522,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sweep_finds_old_files_only() {
+    #[tokio::test]
+    async fn sweep_finds_old_files_only() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::open(dir.path(), None).unwrap();
         let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
@@ -442,11 +539,11 @@ mod tests {
                     .unwrap();
             }
         }
-        let (removed, mut candidates) = blobs.sweep_start(Duration::from_secs(600)).unwrap();
+        let (removed, mut candidates) = blobs.sweep_start(Duration::from_secs(600)).await.unwrap();
         assert_eq!(removed, 1, "the crashed upload's temp file");
         candidates.sort();
         assert_eq!(candidates, ["kept", "orphan"]);
-        blobs.remove("orphan").unwrap();
+        blobs.remove("orphan").await.unwrap();
         assert!(dir.path().join("kept").exists());
         assert!(
             dir.path().join("fresh-orphan").exists(),

@@ -1,185 +1,20 @@
-//! The catalog: knowledge bases, documents and indexing jobs in SQLite (WAL mode, full sync, so
-//! an acknowledged write survives a crash). The connection is synchronous; [`Store::call`] runs
-//! work on the blocking pool so async callers never stall the runtime.
+//! The catalog in SQLite, the embedded default (WAL mode, full sync, so an acknowledged write
+//! survives a crash). The connection is synchronous; [`SqliteStore`] runs each operation on the
+//! blocking pool so async callers never stall the runtime. One job row per document.
 //!
-//! Jobs have one row per document. A worker claims a row by taking a lease (a token and an
-//! expiry); a crashed worker's lease runs out and another claims the job again. A delete turns
-//! the row into a delete job without touching a running lease, so an index job and a delete job
-//! of one document never run at once.
-//!
-//! Every claim counts as an attempt. An attempt that ends because a dependency was unavailable
-//! is given back (waiting out an outage must not fail documents); one that ends because the
-//! worker died (its lease ran out) or because of the document itself is kept. An index job that
-//! has used up its attempts is not claimed again: its document is FAILED with the step it was
-//! last seen at, so a document that crashes its worker cannot crash-loop the service.
-//!
-//! The schema is versioned (`PRAGMA user_version`) and migrated at open; see [`MIGRATIONS`].
+//! The schema is versioned (`PRAGMA user_version`) and migrated at open; see [`migrations`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::{
+    CatalogStore, Document, Inserted, Job, JobKind, KnowledgeBase, Reindex, Release, Reservation,
+    Retried, Status, gave_up, now_ms, rand_token,
+};
 use crate::error::{Error, Result};
-
-/// Where a document is in its life cycle; values match `smartdb.v1.DocumentStatus`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub enum Status {
-    /// Stored, waiting for a worker.
-    Queued = 1,
-    /// Text extraction and chunking.
-    Parsing = 2,
-    /// Chunks being embedded.
-    Embedding = 3,
-    /// Chunks being written to the index.
-    Storing = 4,
-    /// Searchable.
-    Indexed = 5,
-    /// Failed for good.
-    Failed = 6,
-    /// Being deleted.
-    Deleting = 7,
-}
-
-impl Status {
-    fn from_i32(v: i32) -> Self {
-        match v {
-            2 => Self::Parsing,
-            3 => Self::Embedding,
-            4 => Self::Storing,
-            5 => Self::Indexed,
-            6 => Self::Failed,
-            7 => Self::Deleting,
-            _ => Self::Queued,
-        }
-    }
-
-    /// True once indexing has finished one way or the other.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Indexed | Self::Failed)
-    }
-}
-
-/// A knowledge base row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KnowledgeBase {
-    /// UUID.
-    pub id: String,
-    /// Owning tenant.
-    pub tenant: String,
-    /// Unique name within the tenant.
-    pub name: String,
-    /// Free text.
-    pub description: String,
-    /// Embedding model id.
-    pub embedding_model: String,
-    /// Vector dimension of that model.
-    pub dimension: u32,
-    /// Unix milliseconds.
-    pub create_time: i64,
-    /// Documents in it (filled by reads).
-    pub document_count: u64,
-    /// False while its create is unfinished (the name is reserved, the collection may not exist).
-    pub ready: bool,
-    /// Its latest reindex, if it was ever reindexed.
-    pub reindex: Option<Reindex>,
-}
-
-/// Progress of a knowledge base's latest reindex.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reindex {
-    /// Documents it covers.
-    pub total: u64,
-    /// Of those, documents whose reindex job has not finished.
-    pub remaining: u64,
-    /// Unix milliseconds.
-    pub start_time: i64,
-}
-
-/// A document row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Document {
-    /// UUIDv7 (so id order is creation order).
-    pub id: String,
-    /// Knowledge base id.
-    pub kb_id: String,
-    /// Title.
-    pub title: String,
-    /// Uploaded file name.
-    pub source_name: String,
-    /// Detected media type.
-    pub content_type: String,
-    /// Size of the original.
-    pub size_bytes: u64,
-    /// SHA-256 of the original, hex.
-    pub sha256: String,
-    /// Life-cycle status.
-    pub status: Status,
-    /// Failure reason.
-    pub error: String,
-    /// Chunks of the last chunking.
-    pub chunk_count: u32,
-    /// Most chunks it ever had: deletes remove point ids up to this, so nothing is left behind.
-    pub max_chunk_count: u32,
-    /// User metadata.
-    pub metadata: BTreeMap<String, String>,
-    /// Times a worker started on it.
-    pub attempts: u32,
-    /// Unix milliseconds.
-    pub create_time: i64,
-    /// Unix milliseconds.
-    pub update_time: i64,
-    /// Caller's name for the document's source (path, URL); versions of one source replace
-    /// each other. Empty if none was given.
-    pub source_id: String,
-}
-
-impl Document {
-    /// True if it was accepted after `other` (ids are UUIDv7s, so they break ties in order).
-    pub fn is_newer_than(&self, other: &Document) -> bool {
-        (self.create_time, &self.id) > (other.create_time, &other.id)
-    }
-}
-
-/// What a job asks a worker to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobKind {
-    /// Extract, chunk, embed, store.
-    Index,
-    /// Remove from the index, then from the catalog.
-    Delete,
-}
-
-/// A claimed job.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Job {
-    /// Document it concerns.
-    pub document_id: String,
-    /// What to do.
-    pub kind: JobKind,
-    /// Proof of the claim; completing with a stale token does nothing.
-    pub lease_token: i64,
-    /// Claims so far, this one included (given-back ones excluded).
-    pub attempts: u32,
-    /// Consecutive attempts that ended in a dependency outage (for backoff).
-    pub outages: u32,
-    /// Trace context of the call that queued it (`traceparent`); empty if none.
-    pub trace: String,
-    /// A reindex of a document that is INDEXED: it stays INDEXED (its chunks keep serving)
-    /// while it is redone.
-    pub quiet: bool,
-}
-
-/// Outcome of inserting a document.
-#[derive(Debug)]
-pub enum Inserted {
-    /// A new document and its job were stored.
-    New(Document),
-    /// The same bytes were already in the knowledge base.
-    Existing(Document),
-}
 
 /// Schema of the first release (0.1.0), which did not record a version. Written with
 /// `IF NOT EXISTS` so that applying it to a database of that release changes nothing.
@@ -283,6 +118,18 @@ ALTER TABLE knowledge_bases ADD COLUMN reindex_start INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN reindex INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 6: publishing versions of a source is serialised by a lock with an expiry
+/// (`source_locks`), the same on every catalog store (MongoDB replicas need it).
+const SCHEMA_V6: &str = "
+CREATE TABLE source_locks (
+    kb_id TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    token INTEGER NOT NULL,
+    until INTEGER NOT NULL,
+    PRIMARY KEY (kb_id, source_id)
+);
+";
+
 /// The catalog's migrations, oldest first; the database's `user_version` says how many ran.
 /// Append, never edit: a released database has run the ones before.
 pub fn migrations() -> rusqlite_migration::Migrations<'static> {
@@ -293,24 +140,17 @@ pub fn migrations() -> rusqlite_migration::Migrations<'static> {
         M::up(SCHEMA_V3),
         M::up(SCHEMA_V4),
         M::up(SCHEMA_V5),
+        M::up(SCHEMA_V6),
     ])
 }
 
-/// Current time in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// The catalog database.
+/// The catalog in one SQLite file.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the catalog at `path`, migrating it to the current schema.
     pub fn open(path: &Path) -> Result<Self> {
         let mut conn = Connection::open(path)?;
@@ -334,7 +174,7 @@ impl Store {
     }
 
     /// Runs `f` with the connection on the blocking pool.
-    pub async fn call<R, F>(&self, f: F) -> Result<R>
+    pub(crate) async fn call<R, F>(&self, f: F) -> Result<R>
     where
         F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,
@@ -349,6 +189,172 @@ impl Store {
         .await
         .map_err(|e| Error::Internal(format!("catalog task failed: {e}")))?
     }
+}
+
+#[tonic::async_trait]
+impl CatalogStore for SqliteStore {
+    async fn reserve_kb(&self, kb: &KnowledgeBase) -> Result<Reservation> {
+        let kb = kb.clone();
+        self.call(move |c| reserve_kb(c, &kb)).await
+    }
+
+    async fn activate_kb(&self, reserved_id: &str, collection_id: &str) -> Result<bool> {
+        let (reserved, collection) = (reserved_id.to_owned(), collection_id.to_owned());
+        self.call(move |c| activate_kb(c, &reserved, &collection))
+            .await
+    }
+
+    async fn drop_reservation(&self, reserved_id: &str) -> Result<()> {
+        let id = reserved_id.to_owned();
+        self.call(move |c| drop_reservation(c, &id)).await
+    }
+
+    async fn find_kb(&self, tenant: &str, name: &str) -> Result<Option<KnowledgeBase>> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.call(move |c| find_kb(c, &tenant, &name)).await
+    }
+
+    async fn kb_by_id(&self, id: &str) -> Result<Option<KnowledgeBase>> {
+        let id = id.to_owned();
+        self.call(move |c| kb_by_id(c, &id)).await
+    }
+
+    async fn list_kbs(
+        &self,
+        tenant: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<KnowledgeBase>> {
+        let (tenant, after) = (tenant.to_owned(), after.to_owned());
+        self.call(move |c| list_kbs(c, &tenant, &after, limit))
+            .await
+    }
+
+    async fn delete_kb(&self, id: &str) -> Result<Vec<String>> {
+        let id = id.to_owned();
+        self.call(move |c| delete_kb(c, &id)).await
+    }
+
+    async fn start_reindex(&self, kb_id: &str) -> Result<Option<KnowledgeBase>> {
+        let id = kb_id.to_owned();
+        self.call(move |c| start_reindex(c, &id)).await
+    }
+
+    async fn get_doc(&self, kb_id: &str, id: &str) -> Result<Option<Document>> {
+        let (kb_id, id) = (kb_id.to_owned(), id.to_owned());
+        self.call(move |c| get_doc(c, &kb_id, &id)).await
+    }
+
+    async fn doc_by_id(&self, id: &str) -> Result<Option<Document>> {
+        let id = id.to_owned();
+        self.call(move |c| doc_by_id(c, &id)).await
+    }
+
+    async fn list_docs(&self, kb_id: &str, after: &str, limit: usize) -> Result<Vec<Document>> {
+        let (kb_id, after) = (kb_id.to_owned(), after.to_owned());
+        self.call(move |c| list_docs(c, &kb_id, &after, limit))
+            .await
+    }
+
+    async fn existing_docs(&self, ids: &[String]) -> Result<HashSet<String>> {
+        let ids = ids.to_vec();
+        self.call(move |c| existing_docs(c, &ids)).await
+    }
+
+    async fn insert_doc(&self, doc: &Document, trace: &str) -> Result<Inserted> {
+        let (doc, trace) = (doc.clone(), trace.to_owned());
+        self.call(move |c| insert_doc_traced(c, &doc, &trace)).await
+    }
+
+    async fn retry_doc(&self, kb_id: &str, id: &str) -> Result<Option<Retried>> {
+        let (kb_id, id) = (kb_id.to_owned(), id.to_owned());
+        self.call(move |c| retry_doc(c, &kb_id, &id)).await
+    }
+
+    async fn set_status(&self, id: &str, status: Status, error: &str) -> Result<bool> {
+        let (id, error) = (id.to_owned(), error.to_owned());
+        self.call(move |c| set_status(c, &id, status, &error)).await
+    }
+
+    async fn set_chunk_count(&self, id: &str, chunks: u32, status: Status) -> Result<bool> {
+        let id = id.to_owned();
+        self.call(move |c| set_chunk_count(c, &id, chunks, status))
+            .await
+    }
+
+    async fn mark_deleting(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.call(move |c| mark_deleting(c, &id)).await
+    }
+
+    async fn other_versions(&self, doc: &Document) -> Result<Vec<Document>> {
+        let doc = doc.clone();
+        self.call(move |c| other_versions(c, &doc)).await
+    }
+
+    async fn publish_version(&self, id: &str, replaced: &[String]) -> Result<bool> {
+        let (id, replaced) = (id.to_owned(), replaced.to_vec());
+        self.call(move |c| publish_version(c, &id, &replaced)).await
+    }
+
+    async fn remove_doc(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.call(move |c| remove_doc(c, &id)).await
+    }
+
+    async fn lock_source(&self, kb_id: &str, source_id: &str, ttl_ms: i64) -> Result<Option<i64>> {
+        let (kb_id, source_id) = (kb_id.to_owned(), source_id.to_owned());
+        self.call(move |c| lock_source(c, &kb_id, &source_id, ttl_ms))
+            .await
+    }
+
+    async fn unlock_source(&self, kb_id: &str, source_id: &str, token: i64) -> Result<()> {
+        let (kb_id, source_id) = (kb_id.to_owned(), source_id.to_owned());
+        self.call(move |c| unlock_source(c, &kb_id, &source_id, token))
+            .await
+    }
+
+    async fn backlog(&self) -> Result<(u64, Option<i64>)> {
+        self.call(|c| Ok(backlog(c)?)).await
+    }
+
+    async fn claim_job(
+        &self,
+        lease_ms: i64,
+        max_attempts: u32,
+        only_document: Option<&str>,
+    ) -> Result<Option<Job>> {
+        let only = only_document.map(str::to_owned);
+        self.call(move |c| claim_job(c, lease_ms, max_attempts, only.as_deref()))
+            .await
+    }
+
+    async fn renew_lease(&self, job: &Job, lease_ms: i64) -> Result<bool> {
+        let job = job.clone();
+        self.call(move |c| renew_lease(c, &job, lease_ms)).await
+    }
+
+    async fn complete_job(&self, job: &Job) -> Result<()> {
+        let job = job.clone();
+        self.call(move |c| complete_job(c, &job)).await
+    }
+
+    async fn release_job(&self, job: &Job, delay_ms: i64, release: Release) -> Result<()> {
+        let job = job.clone();
+        self.call(move |c| release_job(c, &job, delay_ms, release))
+            .await
+    }
+
+    async fn next_job_in(&self) -> Result<Option<i64>> {
+        self.call(|c| next_job_in(c)).await
+    }
+}
+
+/// A write transaction that takes the write lock at once: a deferred one that upgrades later
+/// fails with "database is locked" when another connection wrote in between, whatever the
+/// busy timeout; an immediate one waits its turn.
+fn write_tx(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
 }
 
 /// The schema version of the database at `path` (0: none yet, or the first release's).
@@ -386,20 +392,9 @@ const KB_COLUMNS: &str =
     k.reindex_start, (SELECT COUNT(*) FROM jobs j JOIN documents d ON d.id = j.document_id
         WHERE d.kb_id = k.id AND j.reindex != 0)";
 
-/// What reserving a knowledge-base name found.
-#[derive(Debug)]
-pub enum Reservation {
-    /// The name was free and is now reserved for this (not yet ready) knowledge base.
-    New,
-    /// An earlier create of the same name never finished; continue it with these settings.
-    Unfinished(KnowledgeBase),
-    /// A ready knowledge base has the name.
-    Taken,
-}
-
 /// Reserves `kb.name` for `kb` (state `creating`): the first step of a create.
 pub fn reserve_kb(conn: &mut Connection, kb: &KnowledgeBase) -> Result<Reservation> {
-    let tx = conn.transaction()?;
+    let tx = write_tx(conn)?;
     let existing = tx
         .query_row(
             &format!(
@@ -486,7 +481,7 @@ pub fn list_kbs(
 
 /// Deletes a knowledge base row with its documents and jobs; returns the document ids removed.
 pub fn delete_kb(conn: &mut Connection, id: &str) -> Result<Vec<String>> {
-    let tx = conn.transaction()?;
+    let tx = write_tx(conn)?;
     let ids: Vec<String> = {
         let mut stmt = tx.prepare("SELECT id FROM documents WHERE kb_id = ?1")?;
         stmt.query_map(params![id], |r| r.get(0))?
@@ -498,6 +493,7 @@ pub fn delete_kb(conn: &mut Connection, id: &str) -> Result<Vec<String>> {
     )?;
     tx.execute("DELETE FROM documents WHERE kb_id = ?1", params![id])?;
     tx.execute("DELETE FROM knowledge_bases WHERE id = ?1", params![id])?;
+    tx.execute("DELETE FROM source_locks WHERE kb_id = ?1", params![id])?;
     tx.commit()?;
     Ok(ids)
 }
@@ -508,7 +504,7 @@ pub fn delete_kb(conn: &mut Connection, id: &str) -> Result<Vec<String>> {
 /// reindex is still running, nothing changes. Returns the knowledge base with its progress, or
 /// None if it is gone.
 pub fn start_reindex(conn: &mut Connection, kb_id: &str) -> Result<Option<KnowledgeBase>> {
-    let tx = conn.transaction()?;
+    let tx = write_tx(conn)?;
     let Some(kb) = tx
         .query_row(
             &format!("SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.id = ?1"),
@@ -637,7 +633,7 @@ pub fn insert_doc(conn: &mut Connection, doc: &Document) -> Result<Inserted> {
 
 /// [`insert_doc`], with the trace context (`traceparent`) its job continues.
 pub fn insert_doc_traced(conn: &mut Connection, doc: &Document, trace: &str) -> Result<Inserted> {
-    let tx = conn.transaction()?;
+    let tx = write_tx(conn)?;
     let existing = tx
         .query_row(
             &format!(
@@ -705,18 +701,9 @@ fn requeue(tx: &rusqlite::Transaction<'_>, mut doc: Document) -> Result<Document
     Ok(doc)
 }
 
-/// What asking to retry a document found.
-#[derive(Debug)]
-pub enum Retried {
-    /// It was FAILED and is queued again.
-    Queued(Document),
-    /// It is not FAILED (nothing to retry); here it is as it stands.
-    NotFailed(Document),
-}
-
 /// Queues a FAILED document again (`RetryDocument`), without a new upload.
 pub fn retry_doc(conn: &mut Connection, kb_id: &str, id: &str) -> Result<Option<Retried>> {
-    let tx = conn.transaction()?;
+    let tx = write_tx(conn)?;
     let Some(doc) = tx
         .query_row(
             &format!("SELECT {DOC_COLUMNS} FROM documents WHERE kb_id = ?1 AND id = ?2"),
@@ -759,7 +746,7 @@ pub fn set_chunk_count(conn: &Connection, id: &str, chunks: u32, status: Status)
 
 /// Marks a document DELETING and turns its job into a delete job (keeping any running lease).
 pub fn mark_deleting(conn: &mut Connection, id: &str) -> Result<()> {
-    let tx = conn.transaction()?;
+    let tx = write_tx(conn)?;
     mark_deleting_in(&tx, id, now_ms())?;
     tx.commit()?;
     Ok(())
@@ -798,7 +785,7 @@ pub fn other_versions(conn: &Connection, doc: &Document) -> Result<Vec<Document>
 /// replaced are DELETING, each with a delete job. False (nothing changed) if the document is
 /// gone or being deleted.
 pub fn publish_version(conn: &mut Connection, id: &str, replaced: &[String]) -> Result<bool> {
-    let tx = conn.transaction()?;
+    let tx = write_tx(conn)?;
     let now = now_ms();
     let n = tx.execute(
         "UPDATE documents SET status = ?2, error = '', update_time = ?3 WHERE id = ?1 AND status != ?4",
@@ -831,19 +818,6 @@ pub fn backlog(c: &Connection) -> rusqlite::Result<(u64, Option<i64>)> {
     )
 }
 
-/// The life-cycle step a status stands for, as reported when a job gives up.
-fn step_name(status: Status) -> &'static str {
-    match status {
-        Status::Queued => "QUEUED",
-        Status::Parsing => "PARSING",
-        Status::Embedding => "EMBEDDING",
-        Status::Storing => "STORING",
-        Status::Indexed => "INDEXED",
-        Status::Failed => "FAILED",
-        Status::Deleting => "DELETING",
-    }
-}
-
 /// Claims the oldest runnable job: not leased (or lease expired) and not backing off.
 ///
 /// An index job that was already claimed `max_attempts` times without finishing is not run
@@ -857,7 +831,7 @@ pub fn claim_job(
 ) -> Result<Option<Job>> {
     let now = now_ms();
     let token: i64 = rand_token();
-    let tx = conn.transaction()?;
+    let tx = write_tx(conn)?;
     loop {
         let candidate: Option<(String, String, u32)> = match only_document {
             Some(id) => tx
@@ -889,10 +863,7 @@ pub fn claim_job(
                 )
                 .optional()?
                 .unwrap_or(Status::Queued as i32);
-            let reason = format!(
-                "gave up after {attempts} attempts; last seen at step {}",
-                step_name(Status::from_i32(step))
-            );
+            let reason = gave_up(attempts, Status::from_i32(step));
             tracing::error!(document = %document_id, %reason, "indexing job given up");
             tx.execute(
                 "UPDATE documents SET status = ?2, error = ?3, update_time = ?4 WHERE id = ?1 AND status != ?5",
@@ -962,19 +933,6 @@ pub fn complete_job(conn: &Connection, job: &Job) -> Result<()> {
     Ok(())
 }
 
-/// Whether releasing a job counts the attempt it was claimed for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Release {
-    /// The attempt counts (the document's own failure).
-    Keep,
-    /// Not the document's fault: a dependency was unavailable (the outage is counted for
-    /// backoff), or the service is shutting down.
-    GiveBack {
-        /// True if a dependency outage ended the attempt.
-        outage: bool,
-    },
-}
-
 /// Gives a job back, runnable again after `delay_ms`.
 pub fn release_job(conn: &Connection, job: &Job, delay_ms: i64, release: Release) -> Result<()> {
     let (refund, outage) = match release {
@@ -1002,6 +960,32 @@ pub fn release_job(conn: &Connection, job: &Job, delay_ms: i64, release: Release
     Ok(())
 }
 
+/// Takes the publish lock of a source if it is free or expired; its token if taken.
+pub fn lock_source(
+    conn: &Connection,
+    kb_id: &str,
+    source_id: &str,
+    ttl_ms: i64,
+) -> Result<Option<i64>> {
+    let (token, now) = (rand_token(), now_ms());
+    let n = conn.execute(
+        "INSERT INTO source_locks (kb_id, source_id, token, until) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (kb_id, source_id) DO UPDATE SET token = excluded.token, until = excluded.until
+         WHERE source_locks.until <= ?5",
+        params![kb_id, source_id, token, now + ttl_ms, now],
+    )?;
+    Ok((n == 1).then_some(token))
+}
+
+/// Frees the publish lock of a source if `token` still holds it.
+pub fn unlock_source(conn: &Connection, kb_id: &str, source_id: &str, token: i64) -> Result<()> {
+    conn.execute(
+        "DELETE FROM source_locks WHERE kb_id = ?1 AND source_id = ?2 AND token = ?3",
+        params![kb_id, source_id, token],
+    )?;
+    Ok(())
+}
+
 /// Milliseconds until the next job becomes runnable, if any job is waiting.
 pub fn next_job_in(conn: &Connection) -> Result<Option<i64>> {
     let next: Option<i64> = conn.query_row(
@@ -1012,400 +996,13 @@ pub fn next_job_in(conn: &Connection) -> Result<Option<i64>> {
     Ok(next.map(|t| (t - now_ms()).max(0)))
 }
 
-fn rand_token() -> i64 {
-    let bytes = uuid::Uuid::new_v4().into_bytes();
-    i64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"))
-}
-
 #[cfg(test)]
 mod tests {
+    //! SQLite only: the file's migrations. Behaviour is checked for every store by the
+    //! conformance suite (`store/conformance.rs`).
     use super::*;
 
     const MAX: u32 = 3;
-
-    fn store() -> (tempfile::TempDir, Connection) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("catalog.db")).unwrap();
-        let conn = Arc::try_unwrap(store.conn)
-            .ok()
-            .unwrap()
-            .into_inner()
-            .unwrap();
-        (dir, conn)
-    }
-
-    fn kb(name: &str) -> KnowledgeBase {
-        KnowledgeBase {
-            id: uuid::Uuid::new_v4().to_string(),
-            tenant: "t".into(),
-            name: name.into(),
-            description: String::new(),
-            embedding_model: "m".into(),
-            dimension: 3,
-            create_time: now_ms(),
-            document_count: 0,
-            ready: true,
-            reindex: None,
-        }
-    }
-
-    /// A ready knowledge base, the way a finished create leaves it.
-    fn insert_kb(conn: &mut Connection, kb: &KnowledgeBase) {
-        assert!(matches!(reserve_kb(conn, kb).unwrap(), Reservation::New));
-        assert!(activate_kb(conn, &kb.id, &kb.id).unwrap());
-    }
-
-    fn doc(kb_id: &str, sha: &str) -> Document {
-        Document {
-            id: uuid::Uuid::now_v7().to_string(),
-            kb_id: kb_id.into(),
-            title: "t".into(),
-            source_name: String::new(),
-            content_type: "text/plain".into(),
-            size_bytes: 1,
-            sha256: sha.into(),
-            status: Status::Queued,
-            error: String::new(),
-            chunk_count: 0,
-            max_chunk_count: 0,
-            metadata: BTreeMap::from([("k".into(), "v".into())]),
-            attempts: 0,
-            create_time: now_ms(),
-            update_time: now_ms(),
-            source_id: String::new(),
-        }
-    }
-
-    fn expire_leases(conn: &Connection) {
-        conn.execute("UPDATE jobs SET lease_until = 1, not_before = 0", [])
-            .unwrap();
-    }
-
-    #[test]
-    fn knowledge_base_names_are_reserved_per_tenant_and_unfinished_creates_resume() {
-        let (_d, mut conn) = store();
-        let a = kb("a");
-        insert_kb(&mut conn, &a);
-        assert!(matches!(
-            reserve_kb(&mut conn, &kb("a")).unwrap(),
-            Reservation::Taken
-        ));
-        let mut other = kb("a");
-        other.tenant = "u".into();
-        insert_kb(&mut conn, &other);
-        assert_eq!(list_kbs(&conn, "t", "", 10).unwrap().len(), 1);
-        assert!(find_kb(&conn, "u", "a").unwrap().is_some());
-
-        // A create that stopped after reserving: invisible, and the next create resumes it.
-        let crashed = kb("b");
-        assert!(matches!(
-            reserve_kb(&mut conn, &crashed).unwrap(),
-            Reservation::New
-        ));
-        assert!(find_kb(&conn, "t", "b").unwrap().is_none());
-        assert_eq!(list_kbs(&conn, "t", "", 10).unwrap().len(), 1);
-        match reserve_kb(&mut conn, &kb("b")).unwrap() {
-            Reservation::Unfinished(found) => assert_eq!(found.id, crashed.id),
-            other => panic!("expected the unfinished create, got {other:?}"),
-        }
-        // The index answered with another (reused) collection id: the row takes it.
-        let reused = uuid::Uuid::new_v4().to_string();
-        assert!(activate_kb(&conn, &crashed.id, &reused).unwrap());
-        assert_eq!(find_kb(&conn, "t", "b").unwrap().unwrap().id, reused);
-        assert!(!activate_kb(&conn, &crashed.id, &reused).unwrap());
-    }
-
-    #[test]
-    fn same_bytes_deduplicate_and_failed_ones_requeue() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        let first = doc(&k.id, "abc");
-        assert!(matches!(
-            insert_doc(&mut conn, &first).unwrap(),
-            Inserted::New(_)
-        ));
-        match insert_doc(&mut conn, &doc(&k.id, "abc")).unwrap() {
-            Inserted::Existing(d) => assert_eq!(d.id, first.id),
-            other => panic!("expected existing, got {other:?}"),
-        }
-        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-        set_status(&conn, &first.id, Status::Failed, "boom").unwrap();
-        complete_job(&conn, &job).unwrap();
-        match insert_doc(&mut conn, &doc(&k.id, "abc")).unwrap() {
-            Inserted::New(d) => assert_eq!((d.id, d.status), (first.id.clone(), Status::Queued)),
-            other => panic!("expected requeue, got {other:?}"),
-        }
-        assert!(claim_job(&mut conn, 60_000, MAX, None).unwrap().is_some());
-    }
-
-    #[test]
-    fn identical_bytes_uploaded_during_a_delete_become_a_new_document() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        let old = doc(&k.id, "same");
-        insert_doc(&mut conn, &old).unwrap();
-        mark_deleting(&mut conn, &old.id).unwrap();
-        let again = doc(&k.id, "same");
-        match insert_doc(&mut conn, &again).unwrap() {
-            Inserted::New(d) => assert_eq!(d.id, again.id),
-            other => panic!("a re-upload during a delete must be new, got {other:?}"),
-        }
-        // Both jobs exist: the delete of the old copy and the index job of the new one.
-        let kinds: Vec<String> = conn
-            .prepare("SELECT kind FROM jobs ORDER BY kind")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
-        assert_eq!(kinds, ["delete", "index"]);
-        // Once the old copy is gone, the new one is the one a third upload finds.
-        remove_doc(&conn, &old.id).unwrap();
-        match insert_doc(&mut conn, &doc(&k.id, "same")).unwrap() {
-            Inserted::Existing(d) => assert_eq!(d.id, again.id),
-            other => panic!("expected the new copy, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn leases_exclude_other_workers_until_they_expire() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        insert_doc(&mut conn, &doc(&k.id, "x")).unwrap();
-        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-        assert_eq!(job.attempts, 1);
-        assert!(
-            claim_job(&mut conn, 60_000, MAX, None).unwrap().is_none(),
-            "leased job must not be claimed twice"
-        );
-        // A crashed worker: its lease expires and the job is claimed again.
-        expire_leases(&conn);
-        let again = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-        assert_eq!(again.attempts, 2);
-        // The stale worker's completion does nothing.
-        complete_job(&conn, &job).unwrap();
-        assert!(!renew_lease(&conn, &job, 1000).unwrap());
-        assert!(renew_lease(&conn, &again, 1000).unwrap());
-    }
-
-    #[test]
-    fn a_job_whose_claims_keep_expiring_is_given_up_with_its_last_step() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        let poison = doc(&k.id, "poison");
-        insert_doc(&mut conn, &poison).unwrap();
-        for attempt in 1..=MAX {
-            let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-            assert_eq!(job.attempts, attempt);
-            set_status(&conn, &poison.id, Status::Parsing, "").unwrap();
-            // The worker dies here: nothing is released, the lease just runs out.
-            expire_leases(&conn);
-        }
-        let healthy = doc(&k.id, "healthy");
-        insert_doc(&mut conn, &healthy).unwrap();
-        let next = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-        assert_eq!(
-            next.document_id, healthy.id,
-            "the poison job is not run again"
-        );
-        let failed = doc_by_id(&conn, &poison.id).unwrap().unwrap();
-        assert_eq!(failed.status, Status::Failed);
-        assert_eq!(
-            failed.error,
-            "gave up after 3 attempts; last seen at step PARSING"
-        );
-        assert!(claim_job(&mut conn, 60_000, MAX, None).unwrap().is_none());
-    }
-
-    #[test]
-    fn outages_and_shutdowns_give_the_attempt_back() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        let d = doc(&k.id, "x");
-        insert_doc(&mut conn, &d).unwrap();
-        // Far more outages than attempts allow: the job is still runnable.
-        for outage in 0..(MAX * 3) {
-            let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-            assert_eq!((job.attempts, job.outages), (1, outage));
-            release_job(&conn, &job, 0, Release::GiveBack { outage: true }).unwrap();
-        }
-        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-        release_job(&conn, &job, 0, Release::GiveBack { outage: false }).unwrap();
-        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-        assert_eq!(job.attempts, 1);
-        assert_eq!(doc_by_id(&conn, &d.id).unwrap().unwrap().attempts, 1);
-        // A failure of the document itself counts.
-        release_job(&conn, &job, 0, Release::Keep).unwrap();
-        assert_eq!(
-            claim_job(&mut conn, 60_000, MAX, None)
-                .unwrap()
-                .unwrap()
-                .attempts,
-            2
-        );
-    }
-
-    #[test]
-    fn failed_documents_can_be_retried_without_a_new_upload() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        let d = doc(&k.id, "x");
-        insert_doc(&mut conn, &d).unwrap();
-        assert!(matches!(
-            retry_doc(&mut conn, &k.id, &d.id).unwrap(),
-            Some(Retried::NotFailed(_))
-        ));
-        let job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-        set_status(&conn, &d.id, Status::Failed, "embed-svc said no").unwrap();
-        complete_job(&conn, &job).unwrap();
-        match retry_doc(&mut conn, &k.id, &d.id).unwrap() {
-            Some(Retried::Queued(doc)) => {
-                assert_eq!((doc.status, doc.attempts), (Status::Queued, 0));
-                assert!(doc.error.is_empty());
-            }
-            other => panic!("expected a requeue, got {other:?}"),
-        }
-        assert_eq!(
-            claim_job(&mut conn, 60_000, MAX, None)
-                .unwrap()
-                .unwrap()
-                .document_id,
-            d.id
-        );
-        assert!(retry_doc(&mut conn, &k.id, "nope").unwrap().is_none());
-    }
-
-    #[test]
-    fn delete_during_indexing_waits_for_the_lease_then_runs() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        let d = doc(&k.id, "x");
-        insert_doc(&mut conn, &d).unwrap();
-        let index_job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-        mark_deleting(&mut conn, &d.id).unwrap();
-        assert!(
-            !set_status(&conn, &d.id, Status::Indexed, "").unwrap(),
-            "deleting documents keep their status"
-        );
-        assert!(
-            claim_job(&mut conn, 60_000, MAX, None).unwrap().is_none(),
-            "delete waits for the running index job"
-        );
-        complete_job(&conn, &index_job).unwrap();
-        let delete_job = claim_job(&mut conn, 60_000, MAX, None).unwrap().unwrap();
-        assert_eq!(delete_job.kind, JobKind::Delete);
-        remove_doc(&conn, &d.id).unwrap();
-        assert!(claim_job(&mut conn, 60_000, MAX, None).unwrap().is_none());
-        assert!(doc_by_id(&conn, &d.id).unwrap().is_none());
-    }
-
-    #[test]
-    fn a_reindex_queues_indexed_and_failed_documents_and_counts_them_down_across_restarts() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("catalog.db");
-        let open = || {
-            let store = Store::open(&path).unwrap();
-            Arc::try_unwrap(store.conn)
-                .ok()
-                .unwrap()
-                .into_inner()
-                .unwrap()
-        };
-        let mut conn = open();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        let other = kb("b");
-        insert_kb(&mut conn, &other);
-        let [indexed, failed, queued, elsewhere] = [(&k, "1"), (&k, "2"), (&k, "3"), (&other, "4")]
-            .map(|(kb, sha)| {
-                let Inserted::New(d) = insert_doc(&mut conn, &doc(&kb.id, sha)).unwrap() else {
-                    panic!("new document")
-                };
-                d
-            });
-        for d in [&indexed, &failed, &elsewhere] {
-            let job = claim_job(&mut conn, 60_000, MAX, Some(&d.id))
-                .unwrap()
-                .unwrap();
-            complete_job(&conn, &job).unwrap();
-        }
-        set_status(&conn, &indexed.id, Status::Indexed, "").unwrap();
-        set_status(&conn, &failed.id, Status::Failed, "too many chunks").unwrap();
-        set_status(&conn, &elsewhere.id, Status::Indexed, "").unwrap();
-        assert_eq!(find_kb(&conn, "t", "a").unwrap().unwrap().reindex, None);
-
-        let started = start_reindex(&mut conn, &k.id)
-            .unwrap()
-            .unwrap()
-            .reindex
-            .unwrap();
-        // The queued document is being indexed with the current settings already.
-        assert_eq!((started.total, started.remaining), (2, 2));
-        assert_eq!(
-            doc_by_id(&conn, &indexed.id).unwrap().unwrap().status,
-            Status::Indexed
-        );
-        let requeued = doc_by_id(&conn, &failed.id).unwrap().unwrap();
-        assert_eq!(
-            (requeued.status, requeued.error.as_str()),
-            (Status::Queued, "")
-        );
-        // Asking again while it runs changes nothing.
-        assert_eq!(
-            start_reindex(&mut conn, &k.id).unwrap().unwrap().reindex,
-            Some(started)
-        );
-
-        // A restart keeps the progress and the jobs.
-        drop(conn);
-        let mut conn = open();
-        let mut quiet = Vec::new();
-        while let Some(job) = claim_job(&mut conn, 60_000, MAX, None).unwrap() {
-            quiet.push((job.document_id.clone(), job.quiet));
-            complete_job(&conn, &job).unwrap();
-            let left = find_kb(&conn, "t", "a").unwrap().unwrap().reindex.unwrap();
-            assert_eq!(left.total, 2);
-        }
-        quiet.sort();
-        let mut expected = vec![
-            (indexed.id.clone(), true),
-            (failed.id.clone(), false),
-            (queued.id.clone(), false),
-        ];
-        expected.sort();
-        assert_eq!(quiet, expected);
-        let done = find_kb(&conn, "t", "a").unwrap().unwrap().reindex.unwrap();
-        assert_eq!((done.total, done.remaining), (2, 0));
-        assert_eq!(find_kb(&conn, "t", "b").unwrap().unwrap().reindex, None);
-        // Once done, a new reindex starts over.
-        let again = start_reindex(&mut conn, &k.id)
-            .unwrap()
-            .unwrap()
-            .reindex
-            .unwrap();
-        assert_eq!(again.remaining, 1);
-        assert!(start_reindex(&mut conn, "no-such-kb").unwrap().is_none());
-    }
-
-    #[test]
-    fn deleting_a_knowledge_base_removes_its_documents() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        insert_doc(&mut conn, &doc(&k.id, "1")).unwrap();
-        insert_doc(&mut conn, &doc(&k.id, "2")).unwrap();
-        assert_eq!(find_kb(&conn, "t", "a").unwrap().unwrap().document_count, 2);
-        assert_eq!(delete_kb(&mut conn, &k.id).unwrap().len(), 2);
-        assert!(find_kb(&conn, "t", "a").unwrap().is_none());
-        assert!(claim_job(&mut conn, 1000, MAX, None).unwrap().is_none());
-    }
 
     #[test]
     fn migrations_are_valid_and_a_first_release_catalog_upgrades_in_place() {
@@ -1426,13 +1023,13 @@ mod tests {
             .unwrap();
             assert_eq!(schema_version(&conn).unwrap(), 0);
         }
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         let mut conn = Arc::try_unwrap(store.conn)
             .ok()
             .unwrap()
             .into_inner()
             .unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 5);
+        assert_eq!(schema_version(&conn).unwrap(), 6);
         let kb = find_kb(&conn, "default", "notes").unwrap().unwrap();
         assert!(kb.ready);
         assert_eq!(kb.document_count, 1);
@@ -1452,76 +1049,8 @@ mod tests {
         );
         // Reopening an up-to-date catalog changes nothing.
         drop(conn);
-        let again = Store::open(&path).unwrap();
+        let again = SqliteStore::open(&path).unwrap();
         let conn = again.conn.lock().unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 5);
-    }
-
-    #[test]
-    fn a_job_carries_the_trace_context_of_the_call_that_queued_it() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        insert_doc_traced(&mut conn, &doc(&k.id, "1"), parent).unwrap();
-        let job = claim_job(&mut conn, 1000, MAX, None).unwrap().unwrap();
-        assert_eq!(job.trace, parent);
-    }
-
-    #[test]
-    fn publishing_a_version_retires_the_older_ones_of_its_source_only() {
-        let (_d, mut conn) = store();
-        let k = kb("a");
-        insert_kb(&mut conn, &k);
-        let versioned = |sha: &str, source: &str| {
-            let mut d = doc(&k.id, sha);
-            d.source_id = source.into();
-            d
-        };
-        let (v1, v2, other, plain) = (
-            versioned("1", "guide.md"),
-            versioned("2", "guide.md"),
-            versioned("3", "faq.md"),
-            doc(&k.id, "4"),
-        );
-        for d in [&v1, &v2, &other, &plain] {
-            insert_doc(&mut conn, d).unwrap();
-        }
-        assert!(v2.is_newer_than(&v1) && !v1.is_newer_than(&v2));
-        let ids = |docs: Vec<Document>| docs.into_iter().map(|d| d.id).collect::<Vec<_>>();
-        assert_eq!(ids(other_versions(&conn, &v2).unwrap()), [v1.id.as_str()]);
-        assert_eq!(ids(other_versions(&conn, &v1).unwrap()), [v2.id.as_str()]);
-        assert!(other_versions(&conn, &other).unwrap().is_empty());
-        assert!(other_versions(&conn, &plain).unwrap().is_empty());
-
-        assert!(publish_version(&mut conn, &v2.id, std::slice::from_ref(&v1.id)).unwrap());
-        assert_eq!(
-            doc_by_id(&conn, &v2.id).unwrap().unwrap().status,
-            Status::Indexed
-        );
-        assert_eq!(
-            doc_by_id(&conn, &v1.id).unwrap().unwrap().status,
-            Status::Deleting
-        );
-        // v1's index job became a delete job; the others are untouched.
-        expire_leases(&conn);
-        let mut kinds = Vec::new();
-        while let Some(job) = claim_job(&mut conn, 1000, MAX, None).unwrap() {
-            kinds.push((job.document_id.clone(), job.kind));
-            complete_job(&conn, &job).unwrap();
-        }
-        assert!(
-            kinds.contains(&(v1.id.clone(), JobKind::Delete)),
-            "{kinds:?}"
-        );
-        assert!(
-            kinds.contains(&(other.id.clone(), JobKind::Index)),
-            "{kinds:?}"
-        );
-        // A version being deleted is not another version any more, and cannot be published.
-        assert!(other_versions(&conn, &v2).unwrap().is_empty());
-        assert!(!publish_version(&mut conn, &v1.id, &[]).unwrap());
-        // Publishing again is harmless.
-        assert!(publish_version(&mut conn, &v2.id, &[]).unwrap());
+        assert_eq!(schema_version(&conn).unwrap(), 6);
     }
 }

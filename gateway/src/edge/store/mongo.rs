@@ -3,22 +3,20 @@
 //! `gateway.meta` (the schema version, raised step by step by [`migrate`] like the SQLite file's
 //! `user_version`); the prefix lets the gateway share a database with other services.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use futures::TryStreamExt;
 use mongodb::bson::{Bson, Document, doc, oid::ObjectId, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{ClientOptions, FindOptions, ReturnDocument};
-use mongodb::{Client, Collection, Database, IndexModel};
+use mongodb::options::{FindOptions, ReturnDocument};
+use mongodb::{Collection, Database, IndexModel};
+use smartdb_kit::mongo;
 
 use super::{
     AuditFilter, AuditRecord, EdgeStore, KeyRecord, Page, Role, TenantRecord, from_millis,
     to_millis,
 };
 use crate::error::{Error, Result};
-
-/// Database used when the URI names none.
-pub const DEFAULT_DATABASE: &str = "smartdb";
 
 /// The newest schema version this release writes.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -27,10 +25,6 @@ const TENANTS: &str = "gateway.tenants";
 const KEYS: &str = "gateway.api_keys";
 const AUDIT: &str = "gateway.audit";
 const META: &str = "gateway.meta";
-
-/// How long to look for a usable server before a call fails, unless the URI says otherwise
-/// (the driver's 30 s default would hold every authentication that long when MongoDB is down).
-const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Tenants, keys and audit log in one MongoDB database.
 #[derive(Clone)]
@@ -41,31 +35,15 @@ pub struct MongoStore {
 }
 
 impl MongoStore {
-    /// Connects to `uri` (its database, or [`DEFAULT_DATABASE`]) and migrates the schema.
+    /// Connects to `uri` (its database, or `smartdb`) and migrates the schema.
     pub async fn open(uri: &str) -> anyhow::Result<Self> {
         Self::open_database(uri, None).await
     }
 
     /// As [`MongoStore::open`], in database `name` whatever the URI says.
     pub async fn open_database(uri: &str, name: Option<&str>) -> anyhow::Result<Self> {
-        let mut options = ClientOptions::parse(uri)
-            .await
-            .map_err(|e| anyhow::anyhow!("MongoDB URI: {e}"))?;
-        options
-            .server_selection_timeout
-            .get_or_insert(SERVER_SELECTION_TIMEOUT);
-        options
-            .connect_timeout
-            .get_or_insert(SERVER_SELECTION_TIMEOUT);
-        options
-            .app_name
-            .get_or_insert_with(|| "smartdb-gateway".into());
-        let name = name
-            .map(str::to_owned)
-            .or_else(|| options.default_database.clone())
-            .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
-        let client = Client::with_options(options)?;
-        let db = client.database(&name);
+        let db = mongo::connect(uri, name, "smartdb-gateway", None).await?;
+        let name = db.name().to_owned();
         migrate(&db)
             .await
             .map_err(|e| anyhow::anyhow!("MongoDB database {name}: {e}"))?;
@@ -77,19 +55,9 @@ impl MongoStore {
     }
 }
 
-/// Brings `db` to [`SCHEMA_VERSION`], one version at a time; refuses a database written by a
-/// newer release. Safe when several replicas start at once: every step is idempotent and the
-/// version only goes up.
+/// Brings `db` to [`SCHEMA_VERSION`], one version at a time (see [`mongo::migrate`]).
 pub async fn migrate(db: &Database) -> anyhow::Result<()> {
-    let meta = db.collection::<Document>(META);
-    let current = schema_version(db).await?;
-    if current > SCHEMA_VERSION {
-        anyhow::bail!(
-            "schema version {current} was written by a newer release; this one knows up to \
-             {SCHEMA_VERSION}"
-        );
-    }
-    for version in current + 1..=SCHEMA_VERSION {
+    mongo::migrate(&db.collection(META), SCHEMA_VERSION, |version| async move {
         match version {
             1 => {
                 let index = |keys: Document| IndexModel::builder().keys(keys).build();
@@ -105,41 +73,14 @@ pub async fn migrate(db: &Database) -> anyhow::Result<()> {
             }
             _ => unreachable!("no step for schema version {version}"),
         }
-        meta.update_one(
-            doc! { "_id": "schema" },
-            doc! { "$max": { "version": version } },
-        )
-        .upsert(true)
-        .await?;
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 /// The schema version stored in `db`; 0 for a new database.
 pub async fn schema_version(db: &Database) -> anyhow::Result<i64> {
-    let meta = db.collection::<Document>(META);
-    Ok(match meta.find_one(doc! { "_id": "schema" }).await? {
-        Some(d) => d
-            .get("version")
-            .and_then(Bson::as_i64_lossy)
-            .ok_or_else(|| anyhow::anyhow!("meta.schema has no version"))?,
-        None => 0,
-    })
-}
-
-trait BsonExt {
-    fn as_i64_lossy(&self) -> Option<i64>;
-}
-
-impl BsonExt for Bson {
-    /// Integers may come back as 32 or 64 bits depending on who wrote them.
-    fn as_i64_lossy(&self) -> Option<i64> {
-        match self {
-            Bson::Int64(v) => Some(*v),
-            Bson::Int32(v) => Some(i64::from(*v)),
-            _ => None,
-        }
-    }
+    mongo::schema_version(&db.collection(META)).await
 }
 
 impl From<mongodb::error::Error> for Error {
@@ -178,13 +119,13 @@ fn str_field(d: &Document, name: &str, what: &str) -> Result<String> {
 
 fn time_field(d: &Document, name: &str, what: &str) -> Result<SystemTime> {
     d.get(name)
-        .and_then(Bson::as_i64_lossy)
+        .and_then(mongo::as_i64)
         .map(from_millis)
         .ok_or_else(|| corrupt(what, d))
 }
 
 fn optional_time(d: &Document, name: &str) -> Option<SystemTime> {
-    d.get(name).and_then(Bson::as_i64_lossy).map(from_millis)
+    d.get(name).and_then(mongo::as_i64).map(from_millis)
 }
 
 fn optional_millis(time: Option<SystemTime>) -> Bson {
@@ -491,6 +432,9 @@ impl EdgeStore for MongoStore {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use mongodb::Client;
     use smartdb_kit::testing::MongoServer;
 
     use super::*;
