@@ -167,8 +167,7 @@ impl Catalog {
             ready: false,
             reindex: None,
         };
-        let row = fresh.clone();
-        let mut kb = match self.store.reserve_kb(&row).await? {
+        let mut kb = match self.store.reserve_kb(&fresh).await? {
             Reservation::New => fresh,
             Reservation::Unfinished(earlier) => {
                 tracing::info!(kb = %name, id = %earlier.id, "finishing an interrupted create");
@@ -197,14 +196,12 @@ impl Catalog {
             Err(err) => {
                 if !err.is_transient() {
                     // Will never work as asked: free the name again.
-                    let id = kb.id.clone();
-                    let _ = self.store.drop_reservation(&id).await;
+                    let _ = self.store.drop_reservation(&kb.id).await;
                 }
                 return Err(err);
             }
         };
-        let (reserved, serving) = (kb.id.clone(), collection_id.clone());
-        if !self.store.activate_kb(&reserved, &serving).await? {
+        if !self.store.activate_kb(&kb.id, &collection_id).await? {
             // A concurrent create of the same name finished it first.
             return Err(Error::AlreadyExists(format!(
                 "knowledge base {name:?} already exists"
@@ -232,9 +229,8 @@ impl Catalog {
                 format!("{} bytes, at most {}", name.len(), limits::KB_NAME_BYTES),
             ));
         }
-        let (tenant, lookup) = (ctx.tenant.clone(), name.to_owned());
         self.store
-            .find_kb(&tenant, &lookup)
+            .find_kb(&ctx.tenant, name)
             .await?
             .ok_or_else(|| Error::NotFound(format!("knowledge base {name:?} not found")))
     }
@@ -247,8 +243,7 @@ impl Catalog {
         token: &str,
     ) -> Result<(Vec<KnowledgeBase>, String)> {
         let limit = self.page_limit(page_size, token)?;
-        let (tenant, after) = (ctx.tenant.clone(), token.to_owned());
-        let mut page = self.store.list_kbs(&tenant, &after, limit + 1).await?;
+        let mut page = self.store.list_kbs(&ctx.tenant, token, limit + 1).await?;
         let next = next_token(
             &mut page,
             limit,
@@ -264,8 +259,7 @@ impl Catalog {
         let kb = self.get_kb(ctx, "name", name).await?;
         // Index first: if it fails, nothing changed and the caller can retry.
         self.downstream.delete_collection(ctx, &kb.id).await?;
-        let id = kb.id.clone();
-        let removed = self.store.delete_kb(&id).await?;
+        let removed = self.store.delete_kb(&kb.id).await?;
         for doc in &removed {
             // A file left behind here is collected by the sweep.
             if let Err(err) = self.blobs.remove(doc).await {
@@ -307,10 +301,9 @@ impl Catalog {
                 kb.id
             )));
         }
-        let id = kb.id.clone();
         let kb = self
             .store
-            .start_reindex(&id)
+            .start_reindex(&kb.id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("knowledge base {name:?} not found")))?;
         if let Some(progress) = kb.reindex {
@@ -435,10 +428,9 @@ impl Catalog {
         };
         // The original is in place before the row that points at it is committed.
         writer.commit(&doc.id).await?;
-        let row = doc.clone();
         // The job continues this call's trace when it runs.
         let trace = smartdb_kit::telemetry::save_trace();
-        let inserted = self.store.insert_doc(&row, &trace).await;
+        let inserted = self.store.insert_doc(&doc, &trace).await;
         match inserted {
             Ok(Inserted::New(stored)) => {
                 if stored.id != doc.id {
@@ -470,8 +462,7 @@ impl Catalog {
         let until = tokio::time::Instant::now() + budget;
         while !doc.status.is_terminal() && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let id = doc.id.clone();
-            match self.store.doc_by_id(&id).await? {
+            match self.store.doc_by_id(&doc.id).await? {
                 Some(d) => doc = d,
                 None => return Err(Error::NotFound(format!("document {} was deleted", doc.id))),
             }
@@ -491,8 +482,7 @@ impl Catalog {
             return Err(Error::invalid("document_id", "is required"));
         }
         limits::check_len(id, limits::ID_BYTES).map_err(|m| Error::invalid("document_id", m))?;
-        let (kb_id, doc_id) = (kb.id.clone(), id.to_owned());
-        let doc = self.store.get_doc(&kb_id, &doc_id).await?.ok_or_else(|| {
+        let doc = self.store.get_doc(&kb.id, id).await?.ok_or_else(|| {
             Error::NotFound(format!(
                 "document {id:?} not found in knowledge base {kb_name:?}"
             ))
@@ -510,8 +500,7 @@ impl Catalog {
     ) -> Result<(KnowledgeBase, Vec<Document>, String)> {
         let kb = self.get_kb(ctx, "knowledge_base", kb_name).await?;
         let limit = self.page_limit(page_size, token)?;
-        let (kb_id, after) = (kb.id.clone(), token.to_owned());
-        let mut page = self.store.list_docs(&kb_id, &after, limit + 1).await?;
+        let mut page = self.store.list_docs(&kb.id, token, limit + 1).await?;
         let next = next_token(
             &mut page,
             limit,
@@ -530,8 +519,7 @@ impl Catalog {
         id: &str,
     ) -> Result<Document> {
         let (kb, doc) = self.get_document(ctx, kb_name, id).await?;
-        let (kb_id, doc_id) = (kb.id.clone(), doc.id.clone());
-        match self.store.retry_doc(&kb_id, &doc_id).await? {
+        match self.store.retry_doc(&kb.id, &doc.id).await? {
             Some(Retried::Queued(doc)) => {
                 self.jobs_added.notify_waiters();
                 tracing::info!(document = %doc.id, "failed document queued again");
@@ -560,10 +548,9 @@ impl Catalog {
         id: &str,
     ) -> Result<Option<u32>> {
         let (_kb, doc) = self.get_document(ctx, kb_name, id).await?;
-        let doc_id = doc.id.clone();
         let lease = self.jobs.lease_ms();
-        self.store.mark_deleting(&doc_id).await?;
-        let job = self.store.claim_job(lease, u32::MAX, Some(&doc_id)).await?;
+        self.store.mark_deleting(&doc.id).await?;
+        let job = self.store.claim_job(lease, u32::MAX, Some(&doc.id)).await?;
         match job {
             Some(job) => match worker::run_delete(self, ctx, &job).await {
                 Ok(removed) => Ok(Some(removed)),

@@ -95,16 +95,13 @@ pub async fn serve(
         None => None,
     };
     let originals_dir = data_dir.join("originals");
-    let shared = config
-        .mongodb_uri
-        .as_deref()
-        .is_some_and(|u| !u.trim().is_empty());
-    let (store, blobs): (Arc<dyn store::CatalogStore>, _) = match config
+    let mongodb_uri = config
         .mongodb_uri
         .as_deref()
         .map(str::trim)
-        .filter(|u| !u.is_empty())
-    {
+        .filter(|u| !u.is_empty());
+    let shared = mongodb_uri.is_some();
+    let (store, blobs): (Arc<dyn store::CatalogStore>, _) = match mongodb_uri {
         Some(uri) => {
             let mongo = store::MongoStore::open(uri, config.mongodb_pool).await?;
             let originals = Arc::new(blobs::gridfs::GridFsOriginals::new(mongo.database()));

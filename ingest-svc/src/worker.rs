@@ -104,7 +104,6 @@ async fn process(catalog: &Catalog, job: Job, mut stop: watch::Receiver<bool>) {
         async move {
             loop {
                 tokio::time::sleep(every).await;
-                let job = job.clone();
                 match store.renew_lease(&job, lease).await {
                     Ok(true) => {}
                     Ok(false) => return,
@@ -147,10 +146,9 @@ async fn process(catalog: &Catalog, job: Job, mut stop: watch::Receiver<bool>) {
         }
         Ended::Stopped => {
             // Shutting down: give the job back at once, so a restart does not wait out the lease.
-            let held = job.clone();
             let released = catalog
                 .store
-                .release_job(&held, 0, Release::GiveBack { outage: false })
+                .release_job(&job, 0, Release::GiveBack { outage: false })
                 .await;
             match released {
                 Ok(()) => tracing::info!(document = %job.document_id, "job released for shutdown"),
@@ -275,8 +273,7 @@ async fn fail(catalog: &Catalog, job: Job, reason: String) {
 
 /// Extract → chunk → embed → store → INDEXED. Stops quietly if the document is being deleted.
 async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
-    let id = job.document_id.clone();
-    let found = match catalog.store.doc_by_id(&id).await? {
+    let found = match catalog.store.doc_by_id(&job.document_id).await? {
         Some(doc) => catalog
             .store
             .kb_by_id(&doc.kb_id)
@@ -447,15 +444,13 @@ async fn publish(catalog: &Catalog, ctx: &CallContext, doc: &Document) -> Result
 }
 
 async fn publish_locked(catalog: &Catalog, ctx: &CallContext, doc: &Document) -> Result<()> {
-    let current = doc.clone();
-    let others = catalog.store.other_versions(&current).await?;
+    let others = catalog.store.other_versions(doc).await?;
     if let Some(newer) = others
         .iter()
         .find(|o| o.status == Status::Indexed && o.is_newer_than(doc))
     {
         tracing::info!(document = %doc.id, newer = %newer.id, source = %doc.source_id, "outdated version of a source, deleting it");
-        let id = doc.id.clone();
-        return catalog.store.mark_deleting(&id).await;
+        return catalog.store.mark_deleting(&doc.id).await;
     }
     let older: Vec<String> = others
         .iter()
@@ -466,8 +461,7 @@ async fn publish_locked(catalog: &Catalog, ctx: &CallContext, doc: &Document) ->
         .downstream
         .update_hidden(ctx, &doc.kb_id, older.clone(), vec![doc.id.clone()])
         .await?;
-    let (id, replaced) = (doc.id.clone(), older.clone());
-    let published = catalog.store.publish_version(&id, &replaced).await?;
+    let published = catalog.store.publish_version(&doc.id, &older).await?;
     if !published {
         // Deleted meanwhile: put the swap back; its delete job removes its points.
         tracing::info!(document = %doc.id, "version deleted while being published; swap undone");
@@ -514,8 +508,7 @@ pub fn embedded_text(title: &str, chunk: &Chunk) -> String {
 /// Removes a document's chunks from the index, its original, and its row. Returns the number
 /// of point ids removed.
 pub(crate) async fn run_delete(catalog: &Catalog, ctx: &CallContext, job: &Job) -> Result<u32> {
-    let id = job.document_id.clone();
-    let Some(doc) = catalog.store.doc_by_id(&id).await? else {
+    let Some(doc) = catalog.store.doc_by_id(&job.document_id).await? else {
         finish(catalog, job).await?;
         return Ok(0);
     };
@@ -541,20 +534,17 @@ pub(crate) async fn run_delete(catalog: &Catalog, ctx: &CallContext, job: &Job) 
         }
     }
     catalog.blobs.remove(&doc.id).await?;
-    let doc_id = doc.id.clone();
-    catalog.store.remove_doc(&doc_id).await?;
+    catalog.store.remove_doc(&doc.id).await?;
     tracing::info!(document = %doc.id, chunks = doc.max_chunk_count, "document deleted");
     Ok(doc.max_chunk_count)
 }
 
 async fn set_status(catalog: &Catalog, id: &str, status: Status) -> Result<bool> {
-    let id = id.to_owned();
-    catalog.store.set_status(&id, status, "").await
+    catalog.store.set_status(id, status, "").await
 }
 
 async fn finish(catalog: &Catalog, job: &Job) -> Result<()> {
-    let job = job.clone();
-    catalog.store.complete_job(&job).await
+    catalog.store.complete_job(job).await
 }
 
 #[cfg(test)]
