@@ -663,6 +663,8 @@ async fn documents_round_trip_and_list_in_pages(open: Open<'_>, name: &str) {
         d.metadata = BTreeMap::from([
             ("lang".into(), "en".into()),
             ("a.b".into(), "dotted keys survive".into()),
+            ("$where".into(), "so do dollar signs".into()),
+            ("nul\0key".into(), "and NUL bytes".into()),
         ]);
         insert(store, &d).await;
         written.push(d);

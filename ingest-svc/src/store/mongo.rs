@@ -309,10 +309,16 @@ impl MongoStore {
 
 fn doc_from(d: &BsonDoc) -> Result<Document> {
     const WHAT: &str = "document";
-    let metadata = match d.get_document("metadata") {
-        Ok(m) => m
+    let metadata = match d.get_array("metadata") {
+        Ok(pairs) => pairs
             .iter()
-            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+            .filter_map(|pair| {
+                let pair = pair.as_document()?;
+                Some((
+                    pair.get_str("k").ok()?.to_owned(),
+                    pair.get_str("v").ok()?.to_owned(),
+                ))
+            })
             .collect(),
         Err(_) => BTreeMap::new(),
     };
@@ -337,10 +343,12 @@ fn doc_from(d: &BsonDoc) -> Result<Document> {
 }
 
 fn doc_to(doc: &Document, trace: &str) -> BsonDoc {
-    let metadata: BsonDoc = doc
+    // Pairs, not a sub-document: user keys may hold what MongoDB field names cannot (`$`
+    // prefixes, NUL, dots some tools mishandle).
+    let metadata: Vec<Bson> = doc
         .metadata
         .iter()
-        .map(|(k, v)| (k.clone(), Bson::String(v.clone())))
+        .map(|(k, v)| Bson::Document(doc! { "k": k, "v": v }))
         .collect();
     let mut d = doc! {
         "_id": &doc.id,
