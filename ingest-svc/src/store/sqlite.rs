@@ -393,7 +393,7 @@ const KB_COLUMNS: &str =
         WHERE d.kb_id = k.id AND j.reindex != 0)";
 
 /// Reserves `kb.name` for `kb` (state `creating`): the first step of a create.
-pub fn reserve_kb(conn: &mut Connection, kb: &KnowledgeBase) -> Result<Reservation> {
+fn reserve_kb(conn: &mut Connection, kb: &KnowledgeBase) -> Result<Reservation> {
     let tx = write_tx(conn)?;
     let existing = tx
         .query_row(
@@ -423,7 +423,7 @@ pub fn reserve_kb(conn: &mut Connection, kb: &KnowledgeBase) -> Result<Reservati
 /// Finishes a create: the reservation `reserved_id` becomes the ready knowledge base with id
 /// `collection_id` (the index may have reused an orphaned collection under another id).
 /// False if the reservation is gone.
-pub fn activate_kb(conn: &Connection, reserved_id: &str, collection_id: &str) -> Result<bool> {
+fn activate_kb(conn: &Connection, reserved_id: &str, collection_id: &str) -> Result<bool> {
     let n = conn.execute(
         "UPDATE knowledge_bases SET id = ?2, state = 'ready' WHERE id = ?1 AND state = 'creating'",
         params![reserved_id, collection_id],
@@ -432,7 +432,7 @@ pub fn activate_kb(conn: &Connection, reserved_id: &str, collection_id: &str) ->
 }
 
 /// Drops an unfinished reservation (its create failed for good).
-pub fn drop_reservation(conn: &Connection, reserved_id: &str) -> Result<()> {
+fn drop_reservation(conn: &Connection, reserved_id: &str) -> Result<()> {
     conn.execute(
         "DELETE FROM knowledge_bases WHERE id = ?1 AND state = 'creating'",
         params![reserved_id],
@@ -441,7 +441,7 @@ pub fn drop_reservation(conn: &Connection, reserved_id: &str) -> Result<()> {
 }
 
 /// Finds a tenant's ready knowledge base by name.
-pub fn find_kb(conn: &Connection, tenant: &str, name: &str) -> Result<Option<KnowledgeBase>> {
+fn find_kb(conn: &Connection, tenant: &str, name: &str) -> Result<Option<KnowledgeBase>> {
     Ok(conn
         .query_row(
             &format!(
@@ -454,7 +454,7 @@ pub fn find_kb(conn: &Connection, tenant: &str, name: &str) -> Result<Option<Kno
 }
 
 /// Finds a knowledge base by id, whatever its state.
-pub fn kb_by_id(conn: &Connection, id: &str) -> Result<Option<KnowledgeBase>> {
+fn kb_by_id(conn: &Connection, id: &str) -> Result<Option<KnowledgeBase>> {
     Ok(conn
         .query_row(
             &format!("SELECT {KB_COLUMNS} FROM knowledge_bases k WHERE k.id = ?1"),
@@ -465,7 +465,7 @@ pub fn kb_by_id(conn: &Connection, id: &str) -> Result<Option<KnowledgeBase>> {
 }
 
 /// Lists a tenant's ready knowledge bases with names after `after`, in name order.
-pub fn list_kbs(
+fn list_kbs(
     conn: &Connection,
     tenant: &str,
     after: &str,
@@ -480,7 +480,7 @@ pub fn list_kbs(
 }
 
 /// Deletes a knowledge base row with its documents and jobs; returns the document ids removed.
-pub fn delete_kb(conn: &mut Connection, id: &str) -> Result<Vec<String>> {
+fn delete_kb(conn: &mut Connection, id: &str) -> Result<Vec<String>> {
     let tx = write_tx(conn)?;
     let ids: Vec<String> = {
         let mut stmt = tx.prepare("SELECT id FROM documents WHERE kb_id = ?1")?;
@@ -503,7 +503,7 @@ pub fn delete_kb(conn: &mut Connection, id: &str) -> Result<Vec<String>> {
 /// current settings already). INDEXED ones stay INDEXED; FAILED ones are queued again. If a
 /// reindex is still running, nothing changes. Returns the knowledge base with its progress, or
 /// None if it is gone.
-pub fn start_reindex(conn: &mut Connection, kb_id: &str) -> Result<Option<KnowledgeBase>> {
+fn start_reindex(conn: &mut Connection, kb_id: &str) -> Result<Option<KnowledgeBase>> {
     let tx = write_tx(conn)?;
     let Some(kb) = tx
         .query_row(
@@ -577,7 +577,7 @@ fn doc_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Document> {
 }
 
 /// Reads one document of a knowledge base.
-pub fn get_doc(conn: &Connection, kb_id: &str, id: &str) -> Result<Option<Document>> {
+fn get_doc(conn: &Connection, kb_id: &str, id: &str) -> Result<Option<Document>> {
     Ok(conn
         .query_row(
             &format!("SELECT {DOC_COLUMNS} FROM documents WHERE kb_id = ?1 AND id = ?2"),
@@ -588,7 +588,7 @@ pub fn get_doc(conn: &Connection, kb_id: &str, id: &str) -> Result<Option<Docume
 }
 
 /// Reads one document by id alone (workers).
-pub fn doc_by_id(conn: &Connection, id: &str) -> Result<Option<Document>> {
+fn doc_by_id(conn: &Connection, id: &str) -> Result<Option<Document>> {
     Ok(conn
         .query_row(
             &format!("SELECT {DOC_COLUMNS} FROM documents WHERE id = ?1"),
@@ -599,12 +599,7 @@ pub fn doc_by_id(conn: &Connection, id: &str) -> Result<Option<Document>> {
 }
 
 /// Lists documents of a knowledge base with ids after `after`, oldest first.
-pub fn list_docs(
-    conn: &Connection,
-    kb_id: &str,
-    after: &str,
-    limit: usize,
-) -> Result<Vec<Document>> {
+fn list_docs(conn: &Connection, kb_id: &str, after: &str, limit: usize) -> Result<Vec<Document>> {
     let mut stmt = conn.prepare(&format!(
         "SELECT {DOC_COLUMNS} FROM documents WHERE kb_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
     ))?;
@@ -613,7 +608,7 @@ pub fn list_docs(
 }
 
 /// Which of `ids` are documents in the catalog (for garbage-collecting originals).
-pub fn existing_docs(conn: &Connection, ids: &[String]) -> Result<HashSet<String>> {
+fn existing_docs(conn: &Connection, ids: &[String]) -> Result<HashSet<String>> {
     let mut stmt = conn.prepare("SELECT id FROM documents WHERE id = ?1")?;
     let mut found = HashSet::new();
     for id in ids {
@@ -624,15 +619,11 @@ pub fn existing_docs(conn: &Connection, ids: &[String]) -> Result<HashSet<String
     Ok(found)
 }
 
-/// Stores a new document with its index job in one transaction, unless the same bytes are
-/// already in the knowledge base (and not on their way out: a copy being deleted does not
-/// count). A FAILED duplicate is queued again (one way users retry).
-pub fn insert_doc(conn: &mut Connection, doc: &Document) -> Result<Inserted> {
-    insert_doc_traced(conn, doc, "")
-}
-
-/// [`insert_doc`], with the trace context (`traceparent`) its job continues.
-pub fn insert_doc_traced(conn: &mut Connection, doc: &Document, trace: &str) -> Result<Inserted> {
+/// Stores a new document with its index job (continuing trace context `trace`) in one
+/// transaction, unless the same bytes are already in the knowledge base (and not on their way
+/// out: a copy being deleted does not count). A FAILED duplicate is queued again (one way users
+/// retry).
+fn insert_doc_traced(conn: &mut Connection, doc: &Document, trace: &str) -> Result<Inserted> {
     let tx = write_tx(conn)?;
     let existing = tx
         .query_row(
@@ -702,7 +693,7 @@ fn requeue(tx: &rusqlite::Transaction<'_>, mut doc: Document) -> Result<Document
 }
 
 /// Queues a FAILED document again (`RetryDocument`), without a new upload.
-pub fn retry_doc(conn: &mut Connection, kb_id: &str, id: &str) -> Result<Option<Retried>> {
+fn retry_doc(conn: &mut Connection, kb_id: &str, id: &str) -> Result<Option<Retried>> {
     let tx = write_tx(conn)?;
     let Some(doc) = tx
         .query_row(
@@ -724,7 +715,7 @@ pub fn retry_doc(conn: &mut Connection, kb_id: &str, id: &str) -> Result<Option<
 
 /// Moves a document to `status` unless it is being deleted; false if it is gone or deleting
 /// (the worker then stops).
-pub fn set_status(conn: &Connection, id: &str, status: Status, error: &str) -> Result<bool> {
+fn set_status(conn: &Connection, id: &str, status: Status, error: &str) -> Result<bool> {
     let error = smartdb_kit::limits::truncate(error, smartdb_kit::limits::ERROR_BYTES);
     let n = conn.execute(
         "UPDATE documents SET status = ?2, error = ?3, update_time = ?4 WHERE id = ?1 AND status != ?5",
@@ -735,7 +726,7 @@ pub fn set_status(conn: &Connection, id: &str, status: Status, error: &str) -> R
 
 /// Records the chunk count before chunks are written, so a later delete knows every point id,
 /// and moves the document to `status` (EMBEDDING, or INDEXED for a quiet reindex).
-pub fn set_chunk_count(conn: &Connection, id: &str, chunks: u32, status: Status) -> Result<bool> {
+fn set_chunk_count(conn: &Connection, id: &str, chunks: u32, status: Status) -> Result<bool> {
     let n = conn.execute(
         "UPDATE documents SET chunk_count = ?2, max_chunk_count = MAX(max_chunk_count, ?2), status = ?3, update_time = ?4
          WHERE id = ?1 AND status != ?5",
@@ -745,7 +736,7 @@ pub fn set_chunk_count(conn: &Connection, id: &str, chunks: u32, status: Status)
 }
 
 /// Marks a document DELETING and turns its job into a delete job (keeping any running lease).
-pub fn mark_deleting(conn: &mut Connection, id: &str) -> Result<()> {
+fn mark_deleting(conn: &mut Connection, id: &str) -> Result<()> {
     let tx = write_tx(conn)?;
     mark_deleting_in(&tx, id, now_ms())?;
     tx.commit()?;
@@ -766,7 +757,7 @@ fn mark_deleting_in(tx: &rusqlite::Transaction<'_>, id: &str, now: i64) -> Resul
 }
 
 /// The other versions of a document's source in its knowledge base (not being deleted).
-pub fn other_versions(conn: &Connection, doc: &Document) -> Result<Vec<Document>> {
+fn other_versions(conn: &Connection, doc: &Document) -> Result<Vec<Document>> {
     if doc.source_id.is_empty() {
         return Ok(Vec::new());
     }
@@ -784,7 +775,7 @@ pub fn other_versions(conn: &Connection, doc: &Document) -> Result<Vec<Document>
 /// Records a published version in one transaction: it is INDEXED, and the versions it
 /// replaced are DELETING, each with a delete job. False (nothing changed) if the document is
 /// gone or being deleted.
-pub fn publish_version(conn: &mut Connection, id: &str, replaced: &[String]) -> Result<bool> {
+fn publish_version(conn: &mut Connection, id: &str, replaced: &[String]) -> Result<bool> {
     let tx = write_tx(conn)?;
     let now = now_ms();
     let n = tx.execute(
@@ -802,7 +793,7 @@ pub fn publish_version(conn: &mut Connection, id: &str, replaced: &[String]) -> 
 }
 
 /// Removes a document row (and its job) for good.
-pub fn remove_doc(conn: &Connection, id: &str) -> Result<()> {
+fn remove_doc(conn: &Connection, id: &str) -> Result<()> {
     conn.execute("DELETE FROM documents WHERE id = ?1", params![id])?;
     Ok(())
 }
@@ -810,7 +801,7 @@ pub fn remove_doc(conn: &Connection, id: &str) -> Result<()> {
 // ---- jobs ----
 
 /// Jobs waiting for a worker (not leased now), and the creation time (ms) of the oldest.
-pub fn backlog(c: &Connection) -> rusqlite::Result<(u64, Option<i64>)> {
+fn backlog(c: &Connection) -> rusqlite::Result<(u64, Option<i64>)> {
     c.query_row(
         "SELECT COUNT(*), MIN(create_time) FROM jobs WHERE lease_until <= ?1",
         [now_ms()],
@@ -823,7 +814,7 @@ pub fn backlog(c: &Connection) -> rusqlite::Result<(u64, Option<i64>)> {
 /// An index job that was already claimed `max_attempts` times without finishing is not run
 /// again: its document becomes FAILED ("gave up after N attempts; last seen at step X") and the
 /// next job is considered. Delete jobs are never given up.
-pub fn claim_job(
+fn claim_job(
     conn: &mut Connection,
     lease_ms: i64,
     max_attempts: u32,
@@ -908,7 +899,7 @@ pub fn claim_job(
 }
 
 /// Extends a lease while a long job runs; false if the lease was lost.
-pub fn renew_lease(conn: &Connection, job: &Job, lease_ms: i64) -> Result<bool> {
+fn renew_lease(conn: &Connection, job: &Job, lease_ms: i64) -> Result<bool> {
     let n = conn.execute(
         "UPDATE jobs SET lease_until = ?3 WHERE document_id = ?1 AND lease_token = ?2",
         params![job.document_id, job.lease_token, now_ms() + lease_ms],
@@ -918,7 +909,7 @@ pub fn renew_lease(conn: &Connection, job: &Job, lease_ms: i64) -> Result<bool> 
 
 /// Finishes a job: removes it if it is still the job we claimed, else (it became a delete job
 /// meanwhile) releases the lease so the new work starts at once.
-pub fn complete_job(conn: &Connection, job: &Job) -> Result<()> {
+fn complete_job(conn: &Connection, job: &Job) -> Result<()> {
     let kind = match job.kind {
         JobKind::Index => "index",
         JobKind::Delete => "delete",
@@ -934,7 +925,7 @@ pub fn complete_job(conn: &Connection, job: &Job) -> Result<()> {
 }
 
 /// Gives a job back, runnable again after `delay_ms`.
-pub fn release_job(conn: &Connection, job: &Job, delay_ms: i64, release: Release) -> Result<()> {
+fn release_job(conn: &Connection, job: &Job, delay_ms: i64, release: Release) -> Result<()> {
     let (refund, outage) = match release {
         Release::Keep => (0, 0),
         Release::GiveBack { outage } => (1, i64::from(outage)),
@@ -961,7 +952,7 @@ pub fn release_job(conn: &Connection, job: &Job, delay_ms: i64, release: Release
 }
 
 /// Takes the publish lock of a source if it is free or expired; its token if taken.
-pub fn lock_source(
+fn lock_source(
     conn: &Connection,
     kb_id: &str,
     source_id: &str,
@@ -978,7 +969,7 @@ pub fn lock_source(
 }
 
 /// Frees the publish lock of a source if `token` still holds it.
-pub fn unlock_source(conn: &Connection, kb_id: &str, source_id: &str, token: i64) -> Result<()> {
+fn unlock_source(conn: &Connection, kb_id: &str, source_id: &str, token: i64) -> Result<()> {
     conn.execute(
         "DELETE FROM source_locks WHERE kb_id = ?1 AND source_id = ?2 AND token = ?3",
         params![kb_id, source_id, token],
@@ -987,7 +978,7 @@ pub fn unlock_source(conn: &Connection, kb_id: &str, source_id: &str, token: i64
 }
 
 /// Milliseconds until the next job becomes runnable, if any job is waiting.
-pub fn next_job_in(conn: &Connection) -> Result<Option<i64>> {
+fn next_job_in(conn: &Connection) -> Result<Option<i64>> {
     let next: Option<i64> = conn.query_row(
         "SELECT MIN(MAX(lease_until, not_before)) FROM jobs",
         [],
