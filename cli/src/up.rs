@@ -414,7 +414,11 @@ async fn stop_all(supervisors: Vec<Running>) -> anyhow::Result<()> {
 }
 
 fn write_state(path: &Path, state: &Mutex<ClusterFile>) {
-    let text = serde_json::to_string_pretty(&*state.lock().expect("state")).unwrap_or_default();
+    // Held until the file is in place: supervisors write at the same moments (all start at
+    // once) through one temp file, and an older state renamed over a newer one would stay
+    // (a running service shown without its pid).
+    let state = state.lock().expect("state");
+    let text = serde_json::to_string_pretty(&*state).unwrap_or_default();
     let tmp = path.with_extension("json.tmp");
     if std::fs::write(&tmp, text)
         .and_then(|_| std::fs::rename(&tmp, path))
