@@ -78,8 +78,7 @@ async fn two_ingest_replicas_share_the_queue_and_one_can_die() {
     serving(&gateway_b.addr, "the gateway of the second replica").await;
     let channel_b = common::gateway_channel(&gateway_b.addr, Some(&cluster.admin_key)).await;
     let mut docs_b = pb::document_service_client::DocumentServiceClient::new(channel_b.clone());
-    let kbs_b =
-        pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(channel_b.clone());
+    let kbs_b = pb::knowledge_base_service_client::KnowledgeBaseServiceClient::new(channel_b);
 
     // A knowledge base made through the first replica is there through the second.
     let kb = create_kb(&cluster, "shared").await;
@@ -97,27 +96,6 @@ async fn two_ingest_replicas_share_the_queue_and_one_can_die() {
     let first = cluster.service("ingest-svc").pid.expect("pid");
     common::signal(first, libc::SIGSTOP);
     let paused = Paused(first);
-    let list_b = |channel: common::Gw| async move {
-        let mut docs = pb::document_service_client::DocumentServiceClient::new(channel);
-        let mut all = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = docs
-                .list_documents(pb::ListDocumentsRequest {
-                    knowledge_base: "shared".into(),
-                    page_size: 200,
-                    page_token: token,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            all.extend(page.documents);
-            if page.next_page_token.is_empty() {
-                return all;
-            }
-            token = page.next_page_token;
-        }
-    };
     let corpus: Vec<(String, String)> = scifact().into_iter().take(DOCS).collect();
     let mut ids = Vec::new();
     for (_, text) in &corpus {
@@ -140,7 +118,9 @@ async fn two_ingest_replicas_share_the_queue_and_one_can_die() {
     // Kill the second replica halfway through.
     let started = Instant::now();
     let done = eventually(Duration::from_secs(120), "indexing under way", || async {
-        let docs = list_b(channel_b.clone()).await;
+        let docs = common::list_pages_on(docs_b.clone(), "shared", 200)
+            .await
+            .concat();
         let done = docs
             .iter()
             .filter(|d| d.status == pb::DocumentStatus::Indexed as i32)

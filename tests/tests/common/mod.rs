@@ -362,12 +362,19 @@ pub async fn upload(
 
 /// Every document of `kb`, page by page (`page_size` per page).
 pub async fn list_pages(cluster: &Cluster, kb: &str, page_size: u32) -> Vec<Vec<pb::Document>> {
+    list_pages_on(cluster.docs().await, kb, page_size).await
+}
+
+/// Every page of `kb`'s documents through `docs` (any gateway), `page_size` at a time.
+pub async fn list_pages_on(
+    mut docs: pb::document_service_client::DocumentServiceClient<Gw>,
+    kb: &str,
+    page_size: u32,
+) -> Vec<Vec<pb::Document>> {
     let mut pages = Vec::new();
     let mut token = String::new();
     loop {
-        let page = cluster
-            .docs()
-            .await
+        let page = docs
             .list_documents(pb::ListDocumentsRequest {
                 knowledge_base: kb.to_owned(),
                 page_size,
