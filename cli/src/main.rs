@@ -79,6 +79,12 @@ async fn main() -> anyhow::Result<()> {
             | Command::Eval(_)
     ) {
         commands::use_api_key(commands::api_key(cli.api_key.clone())?);
+        // Client commands end quietly when their reader goes away (`smartdb search … | head`),
+        // as command-line tools do; Rust ignores SIGPIPE, so printing would panic instead.
+        // Services keep ignoring it: a peer closing a socket must not kill them.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     match cli.command {
         Command::Up(args) => up::run(args).await,
