@@ -47,8 +47,9 @@ pub struct Versions {
     /// Held (shared) by a search from reading a collection's hidden documents until its index
     /// queries are done, and (exclusive) by a change of hidden documents: a search then runs
     /// all its legs against one visibility, and a document hidden before its points are
-    /// written is never seen half-written.
-    visibility: tokio::sync::RwLock<()>,
+    /// written is never seen half-written. It holds the number of changes so far, so that a
+    /// search can tell whether a leg it ran earlier saw the visibility it has now.
+    visibility: tokio::sync::RwLock<u64>,
 }
 
 fn version_key(collection_id: &str) -> String {
@@ -62,13 +63,21 @@ impl Versions {
             local: Mutex::new(HashMap::new()),
             redis,
             missed: Mutex::new(HashSet::new()),
-            visibility: tokio::sync::RwLock::new(()),
+            visibility: tokio::sync::RwLock::new(0),
         }
     }
 
-    /// See the `visibility` field: searches read it, changes of hidden documents write it.
-    pub fn visibility(&self) -> &tokio::sync::RwLock<()> {
-        &self.visibility
+    /// Shared hold of the visibility (see the field), for a search; derefs to its generation.
+    pub async fn visibility(&self) -> tokio::sync::RwLockReadGuard<'_, u64> {
+        self.visibility.read().await
+    }
+
+    /// Exclusive hold of the visibility, for a change of hidden documents: waits for the
+    /// searches running against the current one, and starts the next generation.
+    pub async fn change_visibility(&self) -> tokio::sync::RwLockWriteGuard<'_, u64> {
+        let mut guard = self.visibility.write().await;
+        *guard += 1;
+        guard
     }
 
     fn local(&self, collection_id: &str) -> u64 {

@@ -214,7 +214,7 @@ impl pb::index_service_server::IndexService for IndexGrpc {
         }
         let hidden = {
             // Waits for searches running against the current visibility.
-            let _exclusive = self.versions.visibility().write().await;
+            let _exclusive = self.versions.change_visibility().await;
             self.index
                 .update_hidden(
                     &r.knowledge_base_id,

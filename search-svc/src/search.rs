@@ -21,8 +21,8 @@ use smartdb_proto::v1 as pb;
 use crate::cache::{QueryKey, ResultCache, Versions};
 use crate::error::{Error, Result};
 use crate::index::{
-    LegQuery, MetadataRange, QueryVector, RangeKind, ScoredChunk, SearchFilter, VectorIndex,
-    parse_typed,
+    LegQuery, MetadataRange, QueryVector, RangeKind, ScoredChunk, ScoredId, SearchFilter,
+    VectorIndex, parse_typed,
 };
 use crate::lexical::Analyzer;
 
@@ -321,23 +321,16 @@ impl SearchAnswer {
 }
 
 /// Reciprocal-rank fusion of ranked lists, each with its weight; best first.
-pub fn fuse(legs: Vec<(Vec<ScoredChunk>, f32)>, k: f32) -> Vec<ScoredChunk> {
-    let mut scores: HashMap<uuid::Uuid, (f32, ScoredChunk)> = HashMap::new();
+pub fn fuse(legs: Vec<(Vec<ScoredId>, f32)>, k: f32) -> Vec<ScoredId> {
+    let mut scores: HashMap<uuid::Uuid, f32> = HashMap::new();
     for (hits, weight) in legs {
         for (rank, hit) in hits.into_iter().enumerate() {
-            let add = weight / (k + rank as f32 + 1.0);
-            scores
-                .entry(hit.id)
-                .and_modify(|(score, _)| *score += add)
-                .or_insert((add, hit));
+            *scores.entry(hit.id).or_default() += weight / (k + rank as f32 + 1.0);
         }
     }
-    let mut fused: Vec<ScoredChunk> = scores
-        .into_values()
-        .map(|(score, mut hit)| {
-            hit.score = score;
-            hit
-        })
+    let mut fused: Vec<ScoredId> = scores
+        .into_iter()
+        .map(|(id, score)| ScoredId { id, score })
         .collect();
     // Ties (same fused score) by id, so answers are stable.
     fused.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
@@ -409,10 +402,11 @@ impl Searcher {
         }
         // One more than asked, to know whether a next page exists.
         let depth = query.offset + query.top_k + 1;
+        let candidates = depth.max(self.fusion.candidates);
         // Versions of documents being replaced or deleted are left out, all at once: the hidden
-        // set is read again once the query is embedded, and holds still until every leg ran.
-        let visibility = async {
-            let guard = self.versions.visibility().read().await;
+        // set is read again just before the legs run, and holds still until every leg ran.
+        let visibility = || async {
+            let guard = self.versions.visibility().await;
             let hidden = match self
                 .index
                 .resolve(&ctx.tenant, &query.knowledge_base)
@@ -426,14 +420,45 @@ impl Searcher {
             Ok::<_, Error>((guard, filter))
         };
         let sparse = || QueryVector::Sparse(self.analyzer.query(&query.query));
-        let embedded = match query.mode {
-            Mode::Lexical => None,
-            Mode::Hybrid | Mode::Dense => Some(
-                self.embed_query(ctx, &query.query, &collection.embedding_model)
-                    .await,
-            ),
+        // A leg of a hybrid search: many candidates, ids and scores only (fusion reads the
+        // payloads of the few it keeps), no threshold (it applies to the fused score).
+        let wide = |vector, filter: &SearchFilter| LegQuery {
+            vector,
+            limit: candidates,
+            filter: filter.clone(),
+            min_score: None,
         };
-        let (visible, filter) = visibility.await?;
+        let lexical_leg = |filter: &SearchFilter| {
+            self.index
+                .search_ids(&collection.id, wide(sparse(), filter))
+                .instrument(tracing::info_span!(
+                    target: "smartdb::search",
+                    "engine",
+                    otel.name = "engine search (lexical leg)"
+                ))
+        };
+        let embed = || self.embed_query(ctx, &query.query, &collection.embedding_model);
+        let (embedded, early_lexical) = match query.mode {
+            Mode::Lexical => (None, None),
+            Mode::Dense => (Some(embed().await), None),
+            Mode::Hybrid => {
+                // The lexical leg needs no embedding, so it runs while the query is embedded. It
+                // lets go of the visibility when done (an embedding can take the whole deadline:
+                // changes of hidden documents must not wait for it); its hits are kept only if
+                // the visibility is still the one they saw when the dense leg runs.
+                let early = async {
+                    let (guard, filter) = visibility().await?;
+                    let hits = lexical_leg(&filter).await?;
+                    Ok::<_, Error>((*guard, hits))
+                };
+                let (embedded, early) = tokio::join!(embed(), early);
+                (Some(embedded), Some(early?))
+            }
+        };
+        let (visible, filter) = visibility().await?;
+        let early_lexical = early_lexical
+            .filter(|(generation, _)| *generation == *visible)
+            .map(|(_, hits)| hits);
         let leg = |vector| LegQuery {
             vector,
             limit: depth,
@@ -468,19 +493,15 @@ impl Searcher {
                     None,
                 ),
                 Some(Ok(vector)) => {
-                    let candidates = depth.max(self.fusion.candidates);
-                    // The threshold applies to the fused score, not to either leg's.
-                    let wide = |vector| LegQuery {
-                        vector,
-                        limit: candidates,
-                        filter: filter.clone(),
-                        min_score: None,
+                    let lexical = match early_lexical {
+                        Some(hits) => hits,
+                        // The hidden documents changed since: again, against the current ones.
+                        None => lexical_leg(&filter).await?,
                     };
-                    let (dense, lexical) = tokio::try_join!(
-                        self.index
-                            .search(&collection.id, wide(QueryVector::Dense(vector))),
-                        self.index.search(&collection.id, wide(sparse())),
-                    )?;
+                    let dense = self
+                        .index
+                        .search_ids(&collection.id, wide(QueryVector::Dense(vector), &filter))
+                        .await?;
                     let mut fused = fuse(
                         vec![
                             (dense, self.fusion.dense_weight),
@@ -491,7 +512,12 @@ impl Searcher {
                     if let Some(min) = query.min_score {
                         fused.retain(|h| h.score >= min);
                     }
-                    (fused, Mode::Hybrid, None)
+                    fused.truncate(depth);
+                    (
+                        self.with_payloads(&collection.id, fused).await?,
+                        Mode::Hybrid,
+                        None,
+                    )
                 }
             })
         }
@@ -515,6 +541,29 @@ impl Searcher {
             self.cache.insert(&key, answer.clone()).await;
         }
         Ok((answer, false))
+    }
+
+    /// The hits of `ranked` with their payloads, in its order; a point deleted since it was
+    /// ranked is left out.
+    async fn with_payloads(
+        &self,
+        collection_id: &str,
+        ranked: Vec<ScoredId>,
+    ) -> Result<Vec<ScoredChunk>> {
+        let mut payloads: HashMap<uuid::Uuid, _> = self
+            .index
+            .payloads(collection_id, ranked.iter().map(|h| h.id).collect())
+            .await?
+            .into_iter()
+            .collect();
+        Ok(ranked
+            .into_iter()
+            .filter_map(|ScoredId { id, score }| {
+                payloads
+                    .remove(&id)
+                    .map(|payload| ScoredChunk { id, score, payload })
+            })
+            .collect())
     }
 
     /// Embeds the query, keeping part of the caller's time for the lexical fallback.
@@ -558,13 +607,11 @@ impl Searcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::ChunkPayload;
 
-    fn hit(n: u128) -> ScoredChunk {
-        ScoredChunk {
+    fn hit(n: u128) -> ScoredId {
+        ScoredId {
             id: uuid::Uuid::from_u128(n),
             score: 0.0,
-            payload: ChunkPayload::default(),
         }
     }
 

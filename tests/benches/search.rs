@@ -15,7 +15,9 @@
 //! Env: `SMARTDB_BENCH_SCALES` (chunks, default `10000,100000`), `SMARTDB_BENCH_QUERIES`
 //! (uncached searches per mode and path, default 200), `SMARTDB_BENCH_CACHED` (cached searches
 //! per path, default 2000), `SMARTDB_BENCH_CONCURRENCY` (clients in the throughput runs,
-//! default 8), `SMARTDB_BENCH_SECONDS` (length of each throughput run, default 5).
+//! default 8), `SMARTDB_BENCH_SECONDS` (length of each throughput run, default 5),
+//! `SMARTDB_BENCH_DOCS` (real documents loaded, default all: fewer make a quick run while
+//! tuning; the published figures load all).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -133,6 +135,54 @@ fn memory(pid: u32) -> (u64, u64, u64) {
             * 1024
     };
     (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
+}
+
+/// The largest file-backed parts of a process's resident memory, from `/proc/PID/smaps`: the
+/// path of each mapped file relative to `under` (directories of numbered files folded into one
+/// entry), with its resident bytes, largest first.
+fn mapped_files(pid: u32, under: &std::path::Path) -> Vec<(String, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by_file: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut current: Option<String> = None;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // A mapping's header: address range, perms, offset, device, inode, path.
+        if fields.len() >= 5 && fields[0].contains('-') && !fields[0].ends_with(':') {
+            current = fields.get(5).filter(|p| p.starts_with('/')).map(|path| {
+                let path = std::path::Path::new(path);
+                let shown = path.strip_prefix(under).unwrap_or(path).to_string_lossy();
+                // segments/<uuid>/... -> segments/*/..., numbered chunks folded together.
+                shown
+                    .split('/')
+                    .map(|part| {
+                        if part.len() >= 32
+                            || part
+                                .chars()
+                                .all(|c| c.is_ascii_digit() || c == '.' || c == '-' || c == '_')
+                        {
+                            "*".to_owned()
+                        } else {
+                            part.chars().filter(|c| !c.is_ascii_digit()).collect()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("/")
+            });
+        } else if let (Some(file), Some(&"Rss:")) = (&current, fields.first()) {
+            let kb: u64 = fields.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+            *by_file.entry(file.clone()).or_default() += kb * 1024;
+        }
+    }
+    let mut files: Vec<(String, u64)> = by_file.into_iter().filter(|(_, b)| *b > 0).collect();
+    files.sort_by(|a, b| b.1.cmp(&a.1));
+    files
+}
+
+/// Prints the largest file-backed parts of search-svc's resident memory.
+fn print_mapped_files(pid: u32, under: &std::path::Path) {
+    for (file, bytes) in mapped_files(pid, under).into_iter().take(8) {
+        println!("    mapped {:>7.1} MB  {file}", bytes as f64 / 1e6);
+    }
 }
 
 /// CPU time a process has used, in clock ticks.
@@ -432,7 +482,8 @@ async fn main() {
         common::cpu_features(),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
-    let corpus = common::scifact();
+    let mut corpus = common::scifact();
+    corpus.truncate(env_or("SMARTDB_BENCH_DOCS", usize::MAX));
     let queries = Arc::new(Queries::new(&corpus));
     let mut vocabulary: Vec<String> = corpus
         .iter()
@@ -583,6 +634,7 @@ async fn main() {
             rss as f64 / dense as f64,
             sparse as f64 / 1e6,
         );
+        print_mapped_files(search_pid, cluster.data_dir.path());
 
         // Steady state: a restarted search-svc holds only what it loads and what searches touch
         // (memory-mapped vectors read while building the index stay counted until then).
@@ -629,5 +681,6 @@ async fn main() {
             file as f64 / 1e6,
             rss as f64 / dense as f64,
         );
+        print_mapped_files(search_pid, cluster.data_dir.path());
     }
 }

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::{
     ChunkPayload, CollectionInfo, IndexPoint, LegQuery, MetadataRange, QueryVector, RangeKind,
-    ScoredChunk, SearchFilter, VectorIndex, parse_typed, point_id,
+    ScoredChunk, ScoredId, SearchFilter, VectorIndex, parse_typed, point_id,
 };
 use crate::lexical::{Analyzer, Bm25Settings};
 use crate::{Error, Result};
@@ -41,6 +41,7 @@ macro_rules! vector_index_conformance {
             create_rejects_zero_dimension,
             resolve_by_tenant_and_name,
             search_returns_nearest_first,
+            ids_then_payloads_equal_search,
             upsert_same_id_replaces,
             wrong_dimension_is_rejected,
             delete_points_removes_exactly_those,
@@ -451,6 +452,85 @@ pub(crate) async fn search_returns_nearest_first(index: &dyn VectorIndex) {
     index.delete_collection(&info.id).await.unwrap();
 }
 
+/// `search_ids` ranks and scores exactly as `search`, dense and lexical, with filters and
+/// thresholds; `payloads` then returns each asked point's payload in the order asked, leaving
+/// out points that do not exist (deleted since they were ranked).
+pub(crate) async fn ids_then_payloads_equal_search(index: &dyn VectorIndex) {
+    let info = create(index).await;
+    let mut points = sample_points();
+    points.push(text_chunk("doc-t", "owls hunt at night", &[]));
+    points.push(text_chunk("doc-u", "night owls and morning larks", &[]));
+    let expected: BTreeMap<Uuid, ChunkPayload> =
+        points.iter().map(|p| (p.id, p.payload.clone())).collect();
+    index.upsert(&info.id, points).await.unwrap();
+
+    let queries = [
+        (
+            QueryVector::Dense(SAMPLE_QUERY.to_vec()),
+            None,
+            SearchFilter::default(),
+        ),
+        (
+            QueryVector::Dense(SAMPLE_QUERY.to_vec()),
+            Some(0.1),
+            SearchFilter::default(),
+        ),
+        (
+            QueryVector::Dense(SAMPLE_QUERY.to_vec()),
+            None,
+            metadata_filter_of(&[("lang", "de")]),
+        ),
+        (
+            QueryVector::Sparse(analyzer().query("night owls")),
+            None,
+            SearchFilter::default(),
+        ),
+    ];
+    for (vector, min_score, filter) in queries {
+        let query = LegQuery {
+            vector,
+            limit: 10,
+            filter,
+            min_score,
+        };
+        let full = index.search(&info.id, query.clone()).await.unwrap();
+        let bare = index.search_ids(&info.id, query).await.unwrap();
+        assert!(!full.is_empty());
+        assert_eq!(
+            bare,
+            full.iter()
+                .map(|h| ScoredId {
+                    id: h.id,
+                    score: h.score
+                })
+                .collect::<Vec<_>>()
+        );
+    }
+
+    let gone = point_id("doc-gone", 0);
+    let asked = vec![
+        point_id("doc-t", 0),
+        point_id("doc-a", 1),
+        gone,
+        point_id("doc-a", 0),
+    ];
+    let payloads = index.payloads(&info.id, asked).await.unwrap();
+    let order: Vec<Uuid> = payloads.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        order,
+        [
+            point_id("doc-t", 0),
+            point_id("doc-a", 1),
+            point_id("doc-a", 0)
+        ]
+    );
+    for (id, payload) in &payloads {
+        assert_eq!(payload, &expected[id]);
+    }
+    assert!(index.payloads(&info.id, vec![]).await.unwrap().is_empty());
+    index.delete_collection(&info.id).await.unwrap();
+}
+
 /// Writing an existing id replaces the point instead of adding one.
 pub(crate) async fn upsert_same_id_replaces(index: &dyn VectorIndex) {
     let info = create(index).await;
@@ -769,7 +849,10 @@ pub(crate) async fn unknown_collection_is_not_found(index: &dyn VectorIndex) {
         filter: SearchFilter::default(),
         min_score: None,
     };
-    assert_not_found(index.search(&unknown, query).await);
+    assert_not_found(index.search(&unknown, query.clone()).await);
+    assert_not_found(index.search_ids(&unknown, query).await);
+    assert_not_found(index.payloads(&unknown, vec![point_id("doc-a", 0)]).await);
+    assert_not_found(index.payloads(&unknown, vec![]).await);
     assert_not_found(
         index
             .delete_points(&unknown, vec![point_id("doc-a", 0)])

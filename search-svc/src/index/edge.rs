@@ -46,7 +46,7 @@ use uuid::Uuid;
 
 use super::{
     ChunkPayload, CollectionInfo, IndexPoint, LegQuery, QueryVector, RangeKind, ScoredChunk,
-    SearchFilter, SparseVector, VectorIndex, typed_metadata,
+    ScoredId, SearchFilter, SparseVector, VectorIndex, typed_metadata,
 };
 use crate::lexical::Analyzer;
 use crate::{Error, Result};
@@ -308,6 +308,21 @@ impl VectorIndex for EdgeIndex {
         self.blocking(move |inner| inner.search(&id, query)).await
     }
 
+    async fn search_ids(&self, collection_id: &str, query: LegQuery) -> Result<Vec<ScoredId>> {
+        let id = collection_id.to_owned();
+        self.blocking(move |inner| inner.search_ids(&id, query))
+            .await
+    }
+
+    async fn payloads(
+        &self,
+        collection_id: &str,
+        ids: Vec<Uuid>,
+    ) -> Result<Vec<(Uuid, ChunkPayload)>> {
+        let id = collection_id.to_owned();
+        self.blocking(move |inner| inner.payloads(&id, ids)).await
+    }
+
     async fn count(&self, collection_id: &str) -> Result<u64> {
         let id = collection_id.to_owned();
         self.blocking(move |inner| inner.count(&id)).await
@@ -516,6 +531,50 @@ impl Inner {
     }
 
     fn search(&self, id: &str, query: LegQuery) -> Result<Vec<ScoredChunk>> {
+        self.query(id, query, true)?
+            .into_iter()
+            .map(to_scored_chunk)
+            .collect()
+    }
+
+    fn search_ids(&self, id: &str, query: LegQuery) -> Result<Vec<ScoredId>> {
+        self.query(id, query, false)?
+            .into_iter()
+            .map(|point| {
+                Ok(ScoredId {
+                    id: uuid_of(point.id)?,
+                    score: point.score,
+                })
+            })
+            .collect()
+    }
+
+    fn payloads(&self, id: &str, ids: Vec<Uuid>) -> Result<Vec<(Uuid, ChunkPayload)>> {
+        let shard = self.shard(id)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<PointId> = ids.into_iter().map(PointId::Uuid).collect();
+        let records = shard.read(id, |engine| {
+            engine
+                .retrieve(
+                    &ids,
+                    Some(WithPayloadInterface::Bool(true)),
+                    Some(WithVector::Bool(false)),
+                )
+                .map_err(|err| engine_error("read payloads of", id, err))
+        })?;
+        records
+            .into_iter()
+            .map(|record| {
+                let id = uuid_of(record.id)?;
+                Ok((id, chunk_payload(id, record.payload)?))
+            })
+            .collect()
+    }
+
+    /// One leg in the engine, with or without the hits' payloads.
+    fn query(&self, id: &str, query: LegQuery, with_payload: bool) -> Result<Vec<ScoredPoint>> {
         let shard = self.shard(id)?;
         let named = match query.vector {
             QueryVector::Dense(vector) => {
@@ -555,14 +614,13 @@ impl Inner {
             offset: 0,
             params: Some(SEARCH_PARAMS),
             with_vector: WithVector::Bool(false),
-            with_payload: WithPayloadInterface::Bool(true),
+            with_payload: WithPayloadInterface::Bool(with_payload),
         };
-        let hits = shard.read(id, |engine| {
+        shard.read(id, |engine| {
             engine
                 .query(request)
                 .map_err(|err| engine_error("search", id, err))
-        })?;
-        hits.into_iter().map(to_scored_chunk).collect()
+        })
     }
 
     fn count(&self, id: &str) -> Result<u64> {
@@ -731,22 +789,27 @@ fn create_payload_indexes(engine: &EdgeShard, id: &str) -> Result<()> {
 }
 
 fn to_scored_chunk(point: ScoredPoint) -> Result<ScoredChunk> {
-    let PointId::Uuid(id) = point.id else {
-        return Err(Error::Internal(format!(
-            "unexpected numeric point id {}",
-            point.id
-        )));
-    };
-    let payload = point
-        .payload
-        .ok_or_else(|| Error::Internal(format!("point {id} has no payload")))?;
-    let payload = serde_json::from_value(serde_json::Value::Object(payload.0))
-        .map_err(|err| Error::Internal(format!("point {id} has a malformed payload: {err}")))?;
+    let id = uuid_of(point.id)?;
     Ok(ScoredChunk {
         id,
         score: point.score,
-        payload,
+        payload: chunk_payload(id, point.payload)?,
     })
+}
+
+fn uuid_of(id: PointId) -> Result<Uuid> {
+    match id {
+        PointId::Uuid(id) => Ok(id),
+        other => Err(Error::Internal(format!(
+            "unexpected numeric point id {other}"
+        ))),
+    }
+}
+
+fn chunk_payload(id: Uuid, payload: Option<qdrant_edge::Payload>) -> Result<ChunkPayload> {
+    let payload = payload.ok_or_else(|| Error::Internal(format!("point {id} has no payload")))?;
+    serde_json::from_value(serde_json::Value::Object(payload.0))
+        .map_err(|err| Error::Internal(format!("point {id} has a malformed payload: {err}")))
 }
 
 /// The shard configuration of a collection (version 2): a dense vector compared by cosine, and

@@ -225,6 +225,15 @@ pub struct ScoredChunk {
     pub payload: ChunkPayload,
 }
 
+/// One hit without its payload, as fusion needs it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScoredId {
+    /// Point id of the chunk.
+    pub id: Uuid,
+    /// The leg's score (cosine or BM25), or the fused score.
+    pub score: f32,
+}
+
 /// The error of a create whose id exists with other settings (the same for every backend).
 pub(crate) fn exists_with_other_settings(existing: &CollectionInfo) -> crate::Error {
     crate::Error::invalid(
@@ -269,6 +278,16 @@ pub trait VectorIndex: Send + Sync + 'static {
     ///
     /// NotFound for an unknown collection; InvalidArgument for a query vector of the wrong length.
     async fn search(&self, collection_id: &str, query: LegQuery) -> Result<Vec<ScoredChunk>>;
+    /// As [`search`](Self::search), without reading the hits' payloads: hybrid fusion keeps a
+    /// few of many candidates and reads only theirs, with [`payloads`](Self::payloads).
+    async fn search_ids(&self, collection_id: &str, query: LegQuery) -> Result<Vec<ScoredId>>;
+    /// The stored payloads of `ids`, in that order; points that do not exist are left out.
+    /// NotFound for an unknown collection.
+    async fn payloads(
+        &self,
+        collection_id: &str,
+        ids: Vec<Uuid>,
+    ) -> Result<Vec<(Uuid, ChunkPayload)>>;
     /// Counts the points in a collection; NotFound for an unknown collection.
     async fn count(&self, collection_id: &str) -> Result<u64>;
     /// In one atomic, durable step: the documents in `hide` join the collection's hidden

@@ -46,7 +46,7 @@ use super::edge::{
 };
 use super::{
     ChunkPayload, CollectionInfo, IndexPoint, LegQuery, QueryVector, RangeKind, ScoredChunk,
-    SearchFilter, SparseVector, VectorIndex,
+    ScoredId, SearchFilter, SparseVector, VectorIndex,
 };
 use crate::{Error, Result};
 
@@ -287,6 +287,74 @@ impl QdrantIndex {
             .await
             .map_err(|err| qdrant_error("index", collection, err))?;
         Ok(())
+    }
+
+    /// One leg on the server, with or without the hits' payloads.
+    async fn query(
+        &self,
+        collection_id: &str,
+        query: LegQuery,
+        with_payload: bool,
+    ) -> Result<Vec<ScoredPoint>> {
+        let dimension = self.dimension(collection_id, false).await?;
+        let (input, using) = match query.vector {
+            QueryVector::Dense(vector) => {
+                if vector.len() != dimension {
+                    let fresh = self.dimension(collection_id, true).await?;
+                    if vector.len() != fresh {
+                        return Err(Error::invalid(
+                            "vector",
+                            format!(
+                                "query has {} dimensions, collection {collection_id} expects {fresh}",
+                                vector.len(),
+                            ),
+                        ));
+                    }
+                }
+                if !vector.iter().all(|x| x.is_finite()) {
+                    return Err(Error::invalid("vector", "query has a non-finite component"));
+                }
+                (VectorInput::new_dense(vector), DENSE)
+            }
+            QueryVector::Sparse(SparseVector { indices, values }) => {
+                if indices.is_empty() {
+                    // Only stop words, or nothing a term could be made of.
+                    return Ok(Vec::new());
+                }
+                if indices.len() != values.len() || !values.iter().all(|x| x.is_finite()) {
+                    return Err(Error::invalid("vector", "malformed sparse query vector"));
+                }
+                (VectorInput::new_sparse(indices, values), SPARSE)
+            }
+        };
+        if query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let name = collection_name(collection_id);
+        let mut request = QueryPointsBuilder::new(&name)
+            .query(Query::new_nearest(input))
+            .using(using)
+            .limit(query.limit as u64)
+            .with_payload(if with_payload {
+                stored_fields_only()
+            } else {
+                SelectorOptions::Enable(false)
+            })
+            .with_vectors(false);
+        if let Some(filter) = to_qdrant_filter(&query.filter) {
+            request = request.filter(filter);
+        }
+        if let Some(min_score) = query.min_score {
+            request = request.score_threshold(min_score);
+        }
+        let response = self.client.query(request).await.map_err(|err| {
+            match qdrant_error("search", &name, err) {
+                Error::NotFound(_) => not_found(collection_id),
+                Error::InvalidArgument { message, .. } => Error::invalid("vector", message),
+                err => err,
+            }
+        })?;
+        Ok(response.result)
     }
 
     /// The registry entry of a collection id.
@@ -627,61 +695,64 @@ impl VectorIndex for QdrantIndex {
     }
 
     async fn search(&self, collection_id: &str, query: LegQuery) -> Result<Vec<ScoredChunk>> {
-        let dimension = self.dimension(collection_id, false).await?;
-        let (input, using) = match query.vector {
-            QueryVector::Dense(vector) => {
-                if vector.len() != dimension {
-                    let fresh = self.dimension(collection_id, true).await?;
-                    if vector.len() != fresh {
-                        return Err(Error::invalid(
-                            "vector",
-                            format!(
-                                "query has {} dimensions, collection {collection_id} expects {fresh}",
-                                vector.len(),
-                            ),
-                        ));
-                    }
-                }
-                if !vector.iter().all(|x| x.is_finite()) {
-                    return Err(Error::invalid("vector", "query has a non-finite component"));
-                }
-                (VectorInput::new_dense(vector), DENSE)
-            }
-            QueryVector::Sparse(SparseVector { indices, values }) => {
-                if indices.is_empty() {
-                    // Only stop words, or nothing a term could be made of.
-                    return Ok(Vec::new());
-                }
-                if indices.len() != values.len() || !values.iter().all(|x| x.is_finite()) {
-                    return Err(Error::invalid("vector", "malformed sparse query vector"));
-                }
-                (VectorInput::new_sparse(indices, values), SPARSE)
-            }
-        };
-        if query.limit == 0 {
+        self.query(collection_id, query, true)
+            .await?
+            .into_iter()
+            .map(to_scored_chunk)
+            .collect()
+    }
+
+    async fn search_ids(&self, collection_id: &str, query: LegQuery) -> Result<Vec<ScoredId>> {
+        self.query(collection_id, query, false)
+            .await?
+            .into_iter()
+            .map(|point| {
+                Ok(ScoredId {
+                    id: uuid_of(point.id)?,
+                    score: point.score,
+                })
+            })
+            .collect()
+    }
+
+    async fn payloads(
+        &self,
+        collection_id: &str,
+        ids: Vec<Uuid>,
+    ) -> Result<Vec<(Uuid, ChunkPayload)>> {
+        if ids.is_empty() {
+            // Nothing to read, but an unknown collection is still NotFound.
+            self.dimension(collection_id, true).await?;
             return Ok(Vec::new());
         }
         let name = collection_name(collection_id);
-        let mut request = QueryPointsBuilder::new(&name)
-            .query(Query::new_nearest(input))
-            .using(using)
-            .limit(query.limit as u64)
-            .with_payload(stored_fields_only())
-            .with_vectors(false);
-        if let Some(filter) = to_qdrant_filter(&query.filter) {
-            request = request.filter(filter);
-        }
-        if let Some(min_score) = query.min_score {
-            request = request.score_threshold(min_score);
-        }
-        let response = self.client.query(request).await.map_err(|err| {
-            match qdrant_error("search", &name, err) {
+        let response = self
+            .client
+            .get_points(
+                GetPointsBuilder::new(
+                    &name,
+                    ids.iter()
+                        .map(|id| PointId::from(id.to_string()))
+                        .collect::<Vec<_>>(),
+                )
+                .with_payload(stored_fields_only())
+                .with_vectors(false),
+            )
+            .await
+            .map_err(|err| match qdrant_error("read payloads of", &name, err) {
                 Error::NotFound(_) => not_found(collection_id),
-                Error::InvalidArgument { message, .. } => Error::invalid("vector", message),
                 err => err,
-            }
-        })?;
-        response.result.into_iter().map(to_scored_chunk).collect()
+            })?;
+        let mut found = HashMap::with_capacity(response.result.len());
+        for point in response.result {
+            let id = uuid_of(point.id)?;
+            found.insert(id, chunk_payload(id, point.payload)?);
+        }
+        // The server answers in its own order.
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| found.remove(&id).map(|payload| (id, payload)))
+            .collect())
     }
 
     async fn count(&self, collection_id: &str) -> Result<u64> {
@@ -848,21 +919,29 @@ fn to_qdrant_point(point: IndexPoint) -> Result<PointStruct> {
 }
 
 fn to_scored_chunk(point: ScoredPoint) -> Result<ScoredChunk> {
-    let id = match point.id.and_then(|id| id.point_id_options) {
-        Some(PointIdOptions::Uuid(id)) => Uuid::parse_str(&id)
-            .map_err(|err| Error::Internal(format!("malformed point id {id}: {err}")))?,
-        other => {
-            return Err(Error::Internal(format!("unexpected point id {other:?}")));
-        }
-    };
-    let payload: ChunkPayload = Payload::from(point.payload)
-        .deserialize()
-        .map_err(|err| Error::Internal(format!("point {id} has a malformed payload: {err}")))?;
+    let id = uuid_of(point.id)?;
     Ok(ScoredChunk {
         id,
         score: point.score,
-        payload,
+        payload: chunk_payload(id, point.payload)?,
     })
+}
+
+fn uuid_of(id: Option<PointId>) -> Result<Uuid> {
+    match id.and_then(|id| id.point_id_options) {
+        Some(PointIdOptions::Uuid(id)) => Uuid::parse_str(&id)
+            .map_err(|err| Error::Internal(format!("malformed point id {id}: {err}"))),
+        other => Err(Error::Internal(format!("unexpected point id {other:?}"))),
+    }
+}
+
+fn chunk_payload(
+    id: Uuid,
+    payload: HashMap<String, qdrant_client::qdrant::Value>,
+) -> Result<ChunkPayload> {
+    Payload::from(payload)
+        .deserialize()
+        .map_err(|err| Error::Internal(format!("point {id} has a malformed payload: {err}")))
 }
 
 /// A failure of the registry collection: never the caller's fault (it is created on first use,
