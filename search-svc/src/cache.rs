@@ -384,6 +384,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_visibility_change_waits_for_searches_and_starts_a_new_generation() {
+        let versions = Arc::new(Versions::new(None));
+        let seen = *versions.visibility().await;
+        let search = versions.visibility().await;
+        let change = tokio::spawn({
+            let versions = versions.clone();
+            async move {
+                let guard = versions.change_visibility().await;
+                *guard
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!change.is_finished(), "a change waits for running searches");
+        drop(search);
+        let changed = change.await.unwrap();
+        assert_eq!(changed, seen + 1);
+        // A leg run before the change is told apart from one run after it.
+        assert_ne!(*versions.visibility().await, seen);
+    }
+
+    #[tokio::test]
     async fn version_bump_changes_the_key() {
         let versions = Versions::new(None);
         let key = |v| {

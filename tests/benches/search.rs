@@ -174,7 +174,7 @@ fn mapped_files(pid: u32, under: &std::path::Path) -> Vec<(String, u64)> {
         }
     }
     let mut files: Vec<(String, u64)> = by_file.into_iter().filter(|(_, b)| *b > 0).collect();
-    files.sort_by(|a, b| b.1.cmp(&a.1));
+    files.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
     files
 }
 
@@ -498,7 +498,13 @@ async fn main() {
     vocabulary.truncate(2_000_000);
     let analyzer = smartdb_search::lexical::Analyzer::new(Default::default()).expect("analyzer");
 
-    let cluster = Cluster::start().await;
+    // Authentication stays on; the admin key's rate limit (1,000 searches/s) would cap the
+    // cached throughput this measures, so it is raised.
+    let cluster = Cluster::start_with_env(&[(
+        "SMARTDB_GATEWAY_RATES",
+        "admin.search=1000000,address=1000000",
+    )])
+    .await;
     let search = cluster.service("search-svc");
     let embed = cluster.service("embed-svc");
     let mut search_pid = search.pid.expect("search-svc pid");
