@@ -404,9 +404,9 @@ impl Searcher {
         let depth = query.offset + query.top_k + 1;
         let candidates = depth.max(self.fusion.candidates);
         // Versions of documents being replaced or deleted are left out, all at once: the hidden
-        // set is read again just before the legs run, and holds still until every leg ran.
-        let visibility = || async {
-            let guard = self.versions.visibility().await;
+        // set is read under the visibility (see `Versions`), which holds still until every leg
+        // ran.
+        let hidden_filter = || async {
             let hidden = match self
                 .index
                 .resolve(&ctx.tenant, &query.knowledge_base)
@@ -417,7 +417,7 @@ impl Searcher {
             };
             let mut filter = query.filter.clone();
             filter.exclude_document_ids = hidden.into_iter().collect();
-            Ok::<_, Error>((guard, filter))
+            Ok::<_, Error>(filter)
         };
         let sparse = || QueryVector::Sparse(self.analyzer.query(&query.query));
         // A leg of a hybrid search: many candidates, ids and scores only (fusion reads the
@@ -447,18 +447,21 @@ impl Searcher {
                 // changes of hidden documents must not wait for it); its hits are kept only if
                 // the visibility is still the one they saw when the dense leg runs.
                 let early = async {
-                    let (guard, filter) = visibility().await?;
+                    let guard = self.versions.visibility().await;
+                    let filter = hidden_filter().await?;
                     let hits = lexical_leg(&filter).await?;
-                    Ok::<_, Error>((*guard, hits))
+                    Ok::<_, Error>((*guard, filter, hits))
                 };
                 let (embedded, early) = tokio::join!(embed(), early);
                 (Some(embedded), Some(early?))
             }
         };
-        let (visible, filter) = visibility().await?;
-        let early_lexical = early_lexical
-            .filter(|(generation, _)| *generation == *visible)
-            .map(|(_, hits)| hits);
+        let visible = self.versions.visibility().await;
+        let (filter, early_lexical) = match early_lexical {
+            // Same generation: the hidden set the lexical leg saw is still the current one.
+            Some((generation, filter, hits)) if generation == *visible => (filter, Some(hits)),
+            _ => (hidden_filter().await?, None),
+        };
         let leg = |vector| LegQuery {
             vector,
             limit: depth,
