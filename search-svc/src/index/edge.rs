@@ -10,8 +10,11 @@
 //!
 //! Durability: qdrant-edge 0.7.1 appends each update to its WAL but never replays the WAL when a
 //! shard is loaded, so an update survives a crash only once its segments are flushed. Every write
-//! therefore calls `EdgeShard::flush` (which fsyncs) before it is acknowledged. The WAL is never
-//! truncated either; it grows with every write until the collection is deleted.
+//! therefore calls `EdgeShard::flush` (which fsyncs) before it is acknowledged. The engine never
+//! truncates its WAL either, so [`trim_wal`] does, whenever a shard is opened, and a collection
+//! whose WAL outgrew `Tuning::wal_reopen_bytes` is reopened after its next optimization run:
+//! without that the WAL kept every write ever made, on disk and in memory (455 MB of search-svc's
+//! 661 MB at 100k chunks).
 //!
 //! Payload: [`super::ChunkPayload`] as JSON plus `metadata_pairs`; `document_id` and
 //! `metadata_pairs` are keyword-indexed: filtered searches then skip reading payloads from disk
@@ -104,6 +107,9 @@ struct Tuning {
     optimize_every_points: usize,
     /// Storage layout of new collections.
     layout: Layout,
+    /// Closed WAL bytes above which a collection is reopened to drop them (its searches wait
+    /// for the reopen: 0.4-0.5 s at 100k chunks, loading the shard after a restart took that).
+    wal_reopen_bytes: u64,
 }
 
 /// Where a new collection keeps its data. A shard keeps the layout it was created with (qdrant-edge
@@ -129,6 +135,7 @@ impl Default for Tuning {
             indexing_threshold_kb: None,
             optimize_every_points: 1_000,
             layout: Layout::Compact,
+            wal_reopen_bytes: 64 << 20,
         }
     }
 }
@@ -245,6 +252,7 @@ impl EdgeIndex {
         {
             return;
         }
+        let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
             // Reset even if qdrant-edge panics, or the collection would never be optimized again.
             struct Done<'a>(&'a AtomicBool);
@@ -257,6 +265,11 @@ impl EdgeIndex {
             if let Err(err) = shard.optimize(&collection_id) {
                 tracing::warn!(
                     collection = %collection_id, error = %err, "optimizing collection failed"
+                );
+            }
+            if let Err(err) = inner.trim_wal_if_large(&collection_id, &shard) {
+                tracing::warn!(
+                    collection = %collection_id, error = %err, "reopening collection to trim its WAL failed"
                 );
             }
         });
@@ -465,9 +478,21 @@ impl Inner {
             .get(id)
             .cloned()
             .ok_or_else(|| not_found(id))?;
-        let path = self.collection_dir(id);
-        let engine = EdgeShard::load(&path, None).map_err(|err| engine_error("load", id, err))?;
         let dimension = info.dimension as usize;
+        let engine = self.load_shard(id, dimension)?;
+        let shard = Arc::new(Shard::new(dimension, engine));
+        shards.insert(id.to_owned(), Arc::clone(&shard));
+        Ok(shard)
+    }
+
+    /// Opens a collection's shard from disk, after trimming its WAL.
+    fn load_shard(&self, id: &str, dimension: usize) -> Result<EdgeShard> {
+        let path = self.collection_dir(id);
+        let trimmed = trim_wal(&path)?;
+        if trimmed > 0 {
+            tracing::info!(collection = %id, bytes = trimmed, "trimmed the collection's WAL");
+        }
+        let engine = EdgeShard::load(&path, None).map_err(|err| engine_error("load", id, err))?;
         let stored = engine.config().vectors.get(DENSE).map(|v| v.size);
         if stored != Some(dimension) {
             return Err(Error::Internal(format!(
@@ -477,9 +502,45 @@ impl Inner {
         // A segment created on load (e.g. after optimization) starts without payload indexes.
         create_payload_indexes(&engine, id)?;
         engine.flush();
-        let shard = Arc::new(Shard::new(dimension, engine));
-        shards.insert(id.to_owned(), Arc::clone(&shard));
-        Ok(shard)
+        Ok(engine)
+    }
+
+    /// Reopens an open collection whose closed WAL segments outgrew `tuning.wal_reopen_bytes`,
+    /// which drops them ([`trim_wal`]). Its searches and writes wait meanwhile.
+    fn trim_wal_if_large(&self, id: &str, shard: &Arc<Shard>) -> Result<()> {
+        let dir = self.collection_dir(id);
+        let closed: u64 = closed_wal_segments(&dir)?.iter().map(|s| s.bytes).sum();
+        if closed < self.tuning.wal_reopen_bytes {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut engine = write(&shard.engine);
+        let Some(old) = engine.take() else {
+            return Ok(()); // deleted meanwhile
+        };
+        // Dropping flushes and releases the WAL's directory lock, which the reload takes.
+        drop(old);
+        match self.load_shard(id, shard.dimension) {
+            Ok(reopened) => {
+                *engine = Some(reopened);
+                smartdb_kit::memory::release_freed();
+                tracing::info!(
+                    collection = %id,
+                    ms = started.elapsed().as_millis() as u64,
+                    "reopened collection to trim its WAL"
+                );
+                Ok(())
+            }
+            Err(err) => {
+                drop(engine);
+                // Forgotten, the shard is loaded again on next use, which reports what fails.
+                let mut shards = lock(&self.shards);
+                if shards.get(id).is_some_and(|s| Arc::ptr_eq(s, shard)) {
+                    shards.remove(id);
+                }
+                Err(err)
+            }
+        }
     }
 
     fn upsert(&self, id: &str, points: Vec<IndexPoint>) -> Result<(usize, Arc<Shard>)> {
@@ -682,6 +743,8 @@ impl Shard {
                 // The optimizer's fresh appendable segment has no payload indexes.
                 create_payload_indexes(engine, id)?;
                 engine.flush();
+                // The optimizers' temporary buffers are freed by now, but glibc keeps them.
+                smartdb_kit::memory::release_freed();
                 let segments = engine.info().segments_count;
                 tracing::info!(collection = %id, segments, "optimized collection");
             }
@@ -1140,6 +1203,65 @@ fn remove_dir_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// A closed segment of a shard's WAL (`wal/closed-<first operation>`).
+struct ClosedWalSegment {
+    first_operation: u64,
+    path: PathBuf,
+    bytes: u64,
+}
+
+/// The closed segments of the WAL of the shard in `shard_dir`, oldest first.
+fn closed_wal_segments(shard_dir: &Path) -> Result<Vec<ClosedWalSegment>> {
+    let wal = shard_dir.join("wal");
+    let entries = match fs::read_dir(&wal) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        entries => entries.map_err(io_error("list", &wal))?,
+    };
+    let mut segments = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error("list", &wal))?;
+        let name = entry.file_name();
+        let Some(first_operation) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("closed-"))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        let bytes = entry
+            .metadata()
+            .map_err(io_error("stat", &entry.path()))?
+            .len();
+        segments.push(ClosedWalSegment {
+            first_operation,
+            path: entry.path(),
+            bytes,
+        });
+    }
+    segments.sort_by_key(|s| s.first_operation);
+    Ok(segments)
+}
+
+/// Deletes the closed segments of a shard's WAL but the newest, while the shard is closed, and
+/// returns the bytes freed.
+///
+/// qdrant-edge 0.7.1 never replays its WAL (every write here is flushed into segments before
+/// it is acknowledged) and never truncates it; the call that would (`prefix_truncate`) is not
+/// public. This does what it does with `retain_closed` = 1. The newest closed segment must
+/// stay: the WAL numbers new operations on from it, and the engine ignores an operation
+/// numbered below the version of the point it changes. Oldest first, so an interrupted run
+/// leaves the contiguous log the engine requires.
+fn trim_wal(shard_dir: &Path) -> Result<u64> {
+    let mut segments = closed_wal_segments(shard_dir)?;
+    segments.pop();
+    let mut freed = 0;
+    for segment in segments {
+        fs::remove_file(&segment.path).map_err(io_error("remove", &segment.path))?;
+        freed += segment.bytes;
+    }
+    Ok(freed)
+}
+
 /// Makes renames and new entries in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -1506,6 +1628,92 @@ mod tests {
             hits.iter()
                 .all(|h| h.payload.document_id == "late" && h.payload.chunk_index % 2 == 1)
         );
+    }
+
+    /// qdrant-edge never truncates its WAL: opening a collection drops its closed segments but
+    /// the newest, and an open collection whose closed segments outgrow the bound reopens itself.
+    /// Points, deletes and later updates of old points survive (the engine ignores an update
+    /// numbered below the point's version, so the WAL must go on numbering where it was).
+    #[tokio::test]
+    async fn the_wal_is_trimmed_on_open_and_when_it_grows() {
+        const DIM: usize = 16;
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning {
+            wal_segment_bytes: 64 << 10,
+            optimize_every_points: 100,
+            wal_reopen_bytes: u64::MAX,
+            ..Tuning::default()
+        };
+        let info = sample_info(DIM as u32);
+        let shard_dir = dir.path().join(COLLECTIONS_DIR).join(&info.id);
+        let closed = || closed_wal_segments(&shard_dir).unwrap();
+        let closed_bytes = || closed().iter().map(|s| s.bytes).sum::<u64>();
+        async fn write(index: &EdgeIndex, id: &str, document: &str) {
+            for start in (0..2000).step_by(50) {
+                index
+                    .upsert(id, points(document, start..start + 50, DIM))
+                    .await
+                    .unwrap();
+            }
+            wait_for_optimization(&index.inner.shard(id).unwrap()).await;
+        }
+
+        // Without trimming, the WAL keeps every write.
+        let grown = {
+            let index = EdgeIndex::open_tuned(dir.path(), tuning.clone(), analyzer()).unwrap();
+            index.create_collection(info.clone()).await.unwrap();
+            write(&index, &info.id, "first").await;
+            let grown = closed_bytes();
+            assert!(closed().len() >= 4, "{} closed segments", closed().len());
+            grown
+        };
+
+        // Opening trims; an old point is then updated and another deleted, durably.
+        {
+            let index = EdgeIndex::open_tuned(dir.path(), tuning.clone(), analyzer()).unwrap();
+            assert_eq!(index.count(&info.id).await.unwrap(), 2000);
+            assert_eq!(closed().len(), 1);
+            // Points of the last batches: the highest versions.
+            let mut update = points("first", 1990..1991, DIM);
+            update[0].vector = vector(99_999, DIM);
+            update[0].payload.text = "updated".into();
+            index.upsert(&info.id, update).await.unwrap();
+            index
+                .delete_points(&info.id, vec![point_id("first", 1991)])
+                .await
+                .unwrap();
+        }
+        let tuning = Tuning {
+            wal_reopen_bytes: grown / 8,
+            ..tuning
+        };
+        let index = EdgeIndex::open_tuned(dir.path(), tuning, analyzer()).unwrap();
+        let hits = index
+            .search(&info.id, nearest(&vector(99_999, DIM)))
+            .await
+            .unwrap();
+        assert_eq!(hits[0].id, point_id("first", 1990));
+        assert_eq!(hits[0].payload.text, "updated");
+        assert_eq!(index.count(&info.id).await.unwrap(), 1999);
+
+        // Writing as much again, the open collection reopens itself whenever the bound is passed.
+        write(&index, &info.id, "second").await;
+        let after = closed_bytes();
+        assert!(
+            after < grown / 2,
+            "closed WAL {after} bytes, {grown} untrimmed"
+        );
+        assert_eq!(index.count(&info.id).await.unwrap(), 3999);
+        for (document, n) in [("first", 0), ("first", 1999), ("second", 1234)] {
+            let hits = index
+                .search(&info.id, nearest(&vector(u64::from(n), DIM)))
+                .await
+                .unwrap();
+            assert!(
+                hits.iter().any(|h| h.id == point_id(document, n)),
+                "{document} {n}"
+            );
+        }
     }
 
     /// Collections created before the compact layout keep theirs (qdrant-edge persists each
