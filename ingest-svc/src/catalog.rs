@@ -235,6 +235,13 @@ impl Catalog {
             .ok_or_else(|| Error::NotFound(format!("knowledge base {name:?} not found")))
     }
 
+    /// Like [`Catalog::get_kb`], with the knowledge base's counts (documents, reindex progress).
+    pub async fn describe_kb(&self, ctx: &CallContext, name: &str) -> Result<KnowledgeBase> {
+        let mut kb = self.get_kb(ctx, "name", name).await?;
+        self.store.count_kb(&mut kb).await?;
+        Ok(kb)
+    }
+
     /// One page of the tenant's knowledge bases; the token is the last name of the page.
     pub async fn list_kbs(
         &self,

@@ -4,7 +4,7 @@
 //! text, the headings it sits under, and its pages.
 
 use pulldown_cmark::{Event, Parser, Tag, TagEnd};
-use text_splitter::{ChunkConfig, MarkdownSplitter, TextSplitter};
+use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter, TextSplitter};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
@@ -39,6 +39,8 @@ pub struct Chunker {
     /// Most bytes of one chunk: a few tokens can stand for a lot of text (a word the tokenizer
     /// does not know is one token however long), and every chunk must fit a search hit.
     max_bytes: usize,
+    /// Measure every piece on its own (see [`Chunker::measuring_each_piece`]).
+    exact: bool,
 }
 
 impl Chunker {
@@ -59,6 +61,7 @@ impl Chunker {
                 tokenizer: None,
                 max_tokens,
                 max_bytes,
+                exact: false,
             });
         }
         let mut tokenizer: Tokenizer = tokenizer_json
@@ -73,6 +76,7 @@ impl Chunker {
             tokenizer: Some(tokenizer),
             max_tokens,
             max_bytes,
+            exact: false,
         })
     }
 
@@ -89,23 +93,16 @@ impl Chunker {
             split_as,
             ContentType::Markdown | ContentType::Html | ContentType::Docx
         );
+        let config = ChunkConfig::new(self.max_tokens).with_trim(true);
         let pieces: Vec<(usize, &str)> = match &self.tokenizer {
-            Some(tokenizer) => {
-                let config = ChunkConfig::new(self.max_tokens)
-                    .with_sizer(tokenizer)
-                    .with_trim(true);
-                match markdown {
-                    true => MarkdownSplitter::new(config).chunk_indices(text).collect(),
-                    false => TextSplitter::new(config).chunk_indices(text).collect(),
-                }
-            }
+            Some(tokenizer) => match (!self.exact).then(|| WordTokens::new(tokenizer, text)) {
+                Some(Some(sizer)) => pieces(config.with_sizer(sizer), markdown, text),
+                _ => pieces(config.with_sizer(tokenizer), markdown, text),
+            },
             None => {
                 let config =
                     ChunkConfig::new(self.max_tokens.min(self.max_chars())).with_trim(true);
-                match markdown {
-                    true => MarkdownSplitter::new(config).chunk_indices(text).collect(),
-                    false => TextSplitter::new(config).chunk_indices(text).collect(),
-                }
+                pieces(config, markdown, text)
             }
         };
         let headings = if markdown { headings(text) } else { Vec::new() };
@@ -137,6 +134,139 @@ impl Chunker {
 
     fn max_chars(&self) -> usize {
         (self.max_bytes / 4).max(16)
+    }
+
+    /// Measures every piece with its own tokenization, as `text-splitter` does by itself,
+    /// instead of with [`WordTokens`]. The chunks are the same; tests compare the two.
+    #[doc(hidden)]
+    pub fn measuring_each_piece(mut self) -> Self {
+        self.exact = true;
+        self
+    }
+}
+
+/// `text`'s pieces under `config`, split as Markdown or as plain text.
+fn pieces<'t, S: ChunkSizer>(
+    config: ChunkConfig<S>,
+    markdown: bool,
+    text: &'t str,
+) -> Vec<(usize, &'t str)> {
+    match markdown {
+        true => MarkdownSplitter::new(config).chunk_indices(text).collect(),
+        false => TextSplitter::new(config).chunk_indices(text).collect(),
+    }
+}
+
+/// Longest part of a text tokenized at once by [`WordTokens`]: bounds the tokenizer's
+/// per-token bookkeeping (about 100 bytes a token) for large documents.
+const TOKENIZE_BYTES: usize = 64 * 1024;
+
+/// Sizes the pieces of one text from a single tokenization of it.
+///
+/// `text-splitter` tokenizes every candidate piece it measures, many per chunk, and that was
+/// the largest part of ingest-svc's CPU. With a BERT-style tokenizer the tokens of a piece that
+/// does not cut through a word are exactly the whole text's tokens inside it: normalization
+/// works per character and the pre-tokenizer splits at whitespace and punctuation, so each word
+/// is tokenized on its own. A piece that cuts through a word is tokenized by itself.
+struct WordTokens<'a> {
+    tokenizer: &'a Tokenizer,
+    text: &'a str,
+    /// Byte offset in `text` where each token starts, in order.
+    token_starts: Vec<u32>,
+    /// Byte span in `text` of each word (pre-tokenizer split), in order.
+    words: Vec<(u32, u32)>,
+}
+
+impl<'a> WordTokens<'a> {
+    /// None where the shortcut would not be exact: another kind of tokenizer, or a text holding
+    /// one of its added tokens (`[SEP]`...), which split the text before words do (added tokens
+    /// matched after normalization could hide in any text: their tokenizers are not served).
+    fn new(tokenizer: &'a Tokenizer, text: &'a str) -> Option<Self> {
+        use tokenizers::{ModelWrapper, NormalizerWrapper, PreTokenizerWrapper};
+        let bert_style = matches!(
+            tokenizer.get_normalizer(),
+            None | Some(NormalizerWrapper::BertNormalizer(_))
+        ) && matches!(
+            tokenizer.get_pre_tokenizer(),
+            Some(PreTokenizerWrapper::BertPreTokenizer(_))
+        ) && matches!(tokenizer.get_model(), ModelWrapper::WordPiece(_));
+        if !bert_style || u32::try_from(text.len()).is_err() {
+            return None;
+        }
+        if tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .any(|t| t.normalized || text.contains(t.content.as_str()))
+        {
+            return None;
+        }
+        let mut token_starts = Vec::with_capacity(text.len() / 4);
+        let mut words: Vec<(u32, u32)> = Vec::with_capacity(text.len() / 6);
+        let mut start = 0;
+        while start < text.len() {
+            let end = part_end(text, start);
+            let encoding = tokenizer.encode(&text[start..end], false).ok()?;
+            let mut last_word = None;
+            for (word, &(from, to)) in encoding.get_word_ids().iter().zip(encoding.get_offsets()) {
+                let word = (*word)?;
+                let (from, to) = ((start + from) as u32, (start + to) as u32);
+                token_starts.push(from);
+                match words.last_mut() {
+                    Some(span) if last_word == Some(word) => span.1 = span.1.max(to),
+                    _ => words.push((from, to)),
+                }
+                last_word = Some(word);
+            }
+            start = end;
+        }
+        Some(Self {
+            tokenizer,
+            text,
+            token_starts,
+            words,
+        })
+    }
+
+    /// True if byte `at` lies strictly inside a word.
+    fn inside_word(&self, at: u32) -> bool {
+        let i = self.words.partition_point(|&(from, _)| from < at);
+        i > 0 && self.words[i - 1].1 > at
+    }
+}
+
+impl ChunkSizer for WordTokens<'_> {
+    fn size(&self, chunk: &str) -> usize {
+        // `text-splitter` measures slices of the text it splits; anything else is measured
+        // on its own.
+        let base = self.text.as_ptr() as usize;
+        let from = (chunk.as_ptr() as usize).wrapping_sub(base);
+        if from > self.text.len() || chunk.len() > self.text.len() - from {
+            return self.tokenizer.size(chunk);
+        }
+        let (from, to) = (from as u32, (from + chunk.len()) as u32);
+        if self.inside_word(from) || self.inside_word(to) {
+            return self.tokenizer.size(chunk);
+        }
+        self.token_starts.partition_point(|&s| s < to)
+            - self.token_starts.partition_point(|&s| s < from)
+    }
+}
+
+/// Where the part of `text` tokenized at once from `start` ends: after an ASCII whitespace
+/// byte (never inside a word) near [`TOKENIZE_BYTES`] on, or at the end.
+fn part_end(text: &str, start: usize) -> usize {
+    if text.len() - start <= TOKENIZE_BYTES {
+        return text.len();
+    }
+    let bytes = text.as_bytes();
+    let space = |b: &u8| matches!(b, b' ' | b'\n' | b'\t' | b'\r');
+    let window = &bytes[start + TOKENIZE_BYTES / 2..start + TOKENIZE_BYTES];
+    if let Some(i) = window.iter().rposition(space) {
+        return start + TOKENIZE_BYTES / 2 + i + 1;
+    }
+    match bytes[start + TOKENIZE_BYTES..].iter().position(space) {
+        Some(i) => start + TOKENIZE_BYTES + i + 1,
+        None => text.len(),
     }
 }
 
@@ -329,6 +459,169 @@ Last words.
         assert!(chunks.iter().any(|c| c.pages.0 == 3), "{chunks:#?}");
         assert_eq!(pages_of(&starts, 0, 5), (1, 1));
         assert_eq!(pages_of(&starts, starts[1] - 5, starts[1] + 5), (1, 2));
+    }
+
+    /// A small BERT-style tokenizer (the MiniLM pipeline: BERT normalizer and pre-tokenizer,
+    /// WordPiece) whose vocabulary spells most words letter by letter, so pieces split inside
+    /// words too.
+    fn wordpiece_json() -> String {
+        let mut vocab = serde_json::Map::new();
+        let mut add = |token: String| {
+            let id = vocab.len();
+            vocab.entry(token).or_insert(id.into());
+        };
+        for special in ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"] {
+            add(special.into());
+        }
+        for word in [
+            "the",
+            "search",
+            "retrieval",
+            "chunk",
+            "token",
+            "café",
+            "##s",
+            "##ing",
+        ] {
+            add(word.into());
+        }
+        for c in ('a'..='z').chain('0'..='9') {
+            add(c.to_string());
+            add(format!("##{c}"));
+        }
+        for c in ".,;:!?()[]#-'\"/".chars().chain(['検', '索']) {
+            add(c.to_string());
+        }
+        let special = |id: usize, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        };
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(0, "[UNK]"), special(1, "[CLS]"), special(2, "[SEP]"),
+                special(3, "[PAD]"), special(4, "[MASK]")],
+            "normalizer": {"type": "BertNormalizer", "clean_text": true,
+                "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+            "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                "max_input_chars_per_word": 100, "vocab": vocab},
+        })
+        .to_string()
+    }
+
+    /// Text mixing what tokenizers treat specially: punctuation, accents (stripped), CJK (a
+    /// word per character), control characters (dropped), numbers, words longer than a chunk,
+    /// a word too long for WordPiece (one unknown token), paragraphs and Markdown headings.
+    fn varied_text(seed: u64, words: usize) -> String {
+        let mut state = seed;
+        let mut next = move |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let vocabulary = [
+            "the",
+            "searching",
+            "retrieval",
+            "chunks",
+            "Tokens",
+            "café",
+            "Crème",
+            "brûlée",
+            "検索",
+            "e.g.",
+            "(see",
+            "below),",
+            "\"quoted\"",
+            "don't",
+            "3.14",
+            "x\u{0}y",
+            "naïve",
+            "a-b",
+            "wordpiece",
+            "¿qué?",
+            "—",
+            "Ωmega",
+            "tab\there",
+        ];
+        let mut out = String::new();
+        for i in 0..words {
+            match next(40) {
+                0 => out.push_str("\n\n"),
+                1 => out.push_str("\n# A heading\n"),
+                2 => out.push_str(&"abcdefghij".repeat(1 + next(8) as usize)),
+                3 => out.push_str(&"z".repeat(120)),
+                _ => out.push_str(vocabulary[next(vocabulary.len() as u64) as usize]),
+            }
+            out.push(if i % 13 == 12 { '.' } else { ' ' });
+        }
+        out
+    }
+
+    #[test]
+    fn one_tokenization_per_text_gives_the_chunks_measuring_each_piece_gives() {
+        let json = wordpiece_json();
+        for max_tokens in [24, 40, 136] {
+            let fast = Chunker::from_json(&json, max_tokens, 32 * 1024).unwrap();
+            let exact = Chunker::from_json(&json, max_tokens, 32 * 1024)
+                .unwrap()
+                .measuring_each_piece();
+            for seed in 0..6 {
+                let text = varied_text(seed, 400);
+                let tokenizer = fast.tokenizer.as_ref().unwrap();
+                assert!(
+                    WordTokens::new(tokenizer, &text).is_some(),
+                    "shortcut not taken"
+                );
+                for kind in [ContentType::Plain, ContentType::Markdown] {
+                    let chunks = fast.split(&text, kind, &[]);
+                    assert!(chunks.len() > 3, "{} chunks", chunks.len());
+                    assert_eq!(
+                        chunks,
+                        exact.split(&text, kind, &[]),
+                        "seed {seed}, {max_tokens} tokens, {kind:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_shortcut_is_exact_across_its_tokenizing_parts_and_steps_aside_for_added_tokens() {
+        let json = wordpiece_json();
+        let fast = Chunker::from_json(&json, 136, 32 * 1024).unwrap();
+        let exact = Chunker::from_json(&json, 136, 32 * 1024)
+            .unwrap()
+            .measuring_each_piece();
+        // Longer than one tokenizing part, with a long run without spaces across a part's end.
+        let mut text = varied_text(7, 14_000);
+        text.insert_str(TOKENIZE_BYTES - 500, &"q".repeat(40_000));
+        assert!(text.len() > 2 * TOKENIZE_BYTES);
+        let sizer = WordTokens::new(fast.tokenizer.as_ref().unwrap(), &text).unwrap();
+        // Sizes of arbitrary slices, words cut or not, match a tokenization of the slice.
+        let tokenizer = fast.tokenizer.as_ref().unwrap();
+        let bounds: Vec<usize> = (0..text.len())
+            .step_by(997)
+            .filter(|&i| text.is_char_boundary(i))
+            .collect();
+        for pair in bounds.windows(3) {
+            let piece = &text[pair[0]..pair[2]];
+            assert_eq!(sizer.size(piece), tokenizer.size(piece), "{piece:?}");
+        }
+        assert_eq!(
+            fast.split(&text, ContentType::Plain, &[]),
+            exact.split(&text, ContentType::Plain, &[])
+        );
+        // An added token in the text splits it before words do: the text is measured piece
+        // by piece.
+        let marked = format!("{} [SEP] {}", varied_text(1, 50), varied_text(2, 50));
+        assert!(WordTokens::new(tokenizer, &marked).is_none());
+        assert_eq!(
+            fast.split(&marked, ContentType::Plain, &[]),
+            exact.split(&marked, ContentType::Plain, &[])
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ impl pb::knowledge_base_service_server::KnowledgeBaseService for CatalogGrpc {
         let ctx = CallContext::from_request(&request);
         let kb = self
             .catalog
-            .get_kb(&ctx, "name", &request.into_inner().name)
+            .describe_kb(&ctx, &request.into_inner().name)
             .await?;
         Ok(Response::new(pb::GetKnowledgeBaseResponse {
             knowledge_base: Some(kb_to_pb(kb)),

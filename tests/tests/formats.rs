@@ -277,3 +277,37 @@ async fn real_documents_are_found_and_broken_ones_refused_by_name() {
     let hit = top_hit(&cluster, good[0].4[0].0).await;
     assert_eq!(hit.document_id, stored[0].id);
 }
+
+/// ingest-svc sizes a text's candidate chunks from one tokenization of the whole text instead of
+/// tokenizing every candidate (`smartdb_ingest::chunk`): with the model's real tokenizer, SciFact
+/// abstracts, split as text and as Markdown, get exactly the chunks that measuring every
+/// candidate gives.
+#[test]
+fn chunks_from_one_tokenization_are_the_chunks_measured_piece_by_piece() {
+    use smartdb_embed::model::{MINILM_L6_V2, default_models_dir, ensure_model};
+    use smartdb_ingest::chunk::Chunker;
+    use smartdb_ingest::extract::ContentType;
+
+    let dir = ensure_model(&default_models_dir(), &MINILM_L6_V2).expect("model files");
+    let json = std::fs::read_to_string(dir.join("tokenizer.json")).expect("tokenizer.json");
+    let bytes = smartdb_kit::limits::Limits::default().chunk_bytes;
+    let fast = Chunker::from_json(&json, MINILM_L6_V2.max_tokens, bytes).unwrap();
+    let exact = Chunker::from_json(&json, MINILM_L6_V2.max_tokens, bytes)
+        .unwrap()
+        .measuring_each_piece();
+    let corpus = common::scifact();
+    let mut chunks = 0;
+    for (id, text) in corpus.iter().take(300) {
+        let split = fast.split(text, ContentType::Plain, &[]);
+        assert_eq!(split, exact.split(text, ContentType::Plain, &[]), "{id}");
+        chunks += split.len();
+    }
+    assert!(chunks > 400, "{chunks} chunks: most abstracts need two");
+    let long: String = corpus[300..340]
+        .iter()
+        .map(|(id, text)| format!("## Abstract {id}\n\n{text}\n\n"))
+        .collect();
+    let split = fast.split(&long, ContentType::Markdown, &[]);
+    assert!(split.len() > 40);
+    assert_eq!(split, exact.split(&long, ContentType::Markdown, &[]));
+}

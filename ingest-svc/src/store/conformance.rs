@@ -456,10 +456,7 @@ async fn a_reindex_queues_indexed_and_failed_documents_and_counts_them_down_acro
         .set_status(&elsewhere.id, Status::Indexed, "")
         .await
         .unwrap();
-    assert_eq!(
-        store.find_kb("t", "a").await.unwrap().unwrap().reindex,
-        None
-    );
+    assert_eq!(counted(store.as_ref(), "a").await.reindex, None);
 
     let started = store
         .start_reindex(&k.id)
@@ -493,13 +490,7 @@ async fn a_reindex_queues_indexed_and_failed_documents_and_counts_them_down_acro
     while let Some(job) = claim(store, LONG).await {
         quiet.push((job.document_id.clone(), job.quiet));
         store.complete_job(&job).await.unwrap();
-        let left = store
-            .find_kb("t", "a")
-            .await
-            .unwrap()
-            .unwrap()
-            .reindex
-            .unwrap();
+        let left = counted(store, "a").await.reindex.unwrap();
         assert_eq!(left.total, 2);
     }
     quiet.sort();
@@ -510,18 +501,9 @@ async fn a_reindex_queues_indexed_and_failed_documents_and_counts_them_down_acro
     ];
     expected.sort();
     assert_eq!(quiet, expected);
-    let done = store
-        .find_kb("t", "a")
-        .await
-        .unwrap()
-        .unwrap()
-        .reindex
-        .unwrap();
+    let done = counted(store, "a").await.reindex.unwrap();
     assert_eq!((done.total, done.remaining), (2, 0));
-    assert_eq!(
-        store.find_kb("t", "b").await.unwrap().unwrap().reindex,
-        None
-    );
+    assert_eq!(counted(store, "b").await.reindex, None);
     // Once done, a new reindex starts over (only the INDEXED one: the others are QUEUED).
     let again = store
         .start_reindex(&k.id)
@@ -532,6 +514,13 @@ async fn a_reindex_queues_indexed_and_failed_documents_and_counts_them_down_acro
         .unwrap();
     assert_eq!(again.remaining, 1);
     assert!(store.start_reindex("no-such-kb").await.unwrap().is_none());
+}
+
+/// Knowledge base `name` of tenant "t", with its counts.
+async fn counted(store: &dyn CatalogStore, name: &str) -> KnowledgeBase {
+    let mut kb = store.find_kb("t", name).await.unwrap().unwrap();
+    store.count_kb(&mut kb).await.unwrap();
+    kb
 }
 
 async fn deleting_a_knowledge_base_removes_its_documents(open: Open<'_>, name: &str) {
@@ -545,15 +534,12 @@ async fn deleting_a_knowledge_base_removes_its_documents(open: Open<'_>, name: &
     insert(store, &kept).await;
     insert(store, &doc(&k.id, "1")).await;
     insert(store, &doc(&k.id, "2")).await;
-    assert_eq!(
-        store
-            .find_kb("t", "a")
-            .await
-            .unwrap()
-            .unwrap()
-            .document_count,
-        2
-    );
+    // A lookup does not count (it must stay cheap); count_kb does.
+    let mut found = store.find_kb("t", "a").await.unwrap().unwrap();
+    assert_eq!(found.document_count, 0);
+    store.count_kb(&mut found).await.unwrap();
+    assert_eq!(found.document_count, 2);
+    assert_eq!(counted(store, "b").await.document_count, 1);
     assert_eq!(store.delete_kb(&k.id).await.unwrap().len(), 2);
     assert!(store.find_kb("t", "a").await.unwrap().is_none());
     assert!(store.kb_by_id(&k.id).await.unwrap().is_none());

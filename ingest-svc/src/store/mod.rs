@@ -82,7 +82,7 @@ pub struct KnowledgeBase {
     pub dimension: u32,
     /// Unix milliseconds.
     pub create_time: i64,
-    /// Documents in it (filled by reads).
+    /// Documents in it: filled by `count_kb`, `list_kbs` and `start_reindex`, 0 from lookups.
     pub document_count: u64,
     /// False while its create is unfinished (the name is reserved, the collection may not exist).
     pub ready: bool,
@@ -95,7 +95,7 @@ pub struct KnowledgeBase {
 pub struct Reindex {
     /// Documents it covers.
     pub total: u64,
-    /// Of those, documents whose reindex job has not finished.
+    /// Of those, documents whose reindex job has not finished (counted like `document_count`).
     pub remaining: u64,
     /// Unix milliseconds.
     pub start_time: i64,
@@ -249,11 +249,17 @@ pub trait CatalogStore: Send + Sync {
     async fn activate_kb(&self, reserved_id: &str, collection_id: &str) -> Result<bool>;
     /// Drops an unfinished reservation (its create failed for good).
     async fn drop_reservation(&self, reserved_id: &str) -> Result<()>;
-    /// Finds a tenant's ready knowledge base by name.
+    /// Finds a tenant's ready knowledge base by name, without its counts (see [`count_kb`]).
+    ///
+    /// [`count_kb`]: CatalogStore::count_kb
     async fn find_kb(&self, tenant: &str, name: &str) -> Result<Option<KnowledgeBase>>;
-    /// Finds a knowledge base by id, whatever its state.
+    /// Finds a knowledge base by id, whatever its state, without its counts.
     async fn kb_by_id(&self, id: &str) -> Result<Option<KnowledgeBase>>;
-    /// Lists a tenant's ready knowledge bases with names after `after`, in name order.
+    /// Fills in `kb`'s document count and its reindex's remaining documents. Lookups leave
+    /// them 0 because counting reads the whole knowledge base, and every upload, document read
+    /// and job looks one up.
+    async fn count_kb(&self, kb: &mut KnowledgeBase) -> Result<()>;
+    /// Lists a tenant's ready knowledge bases with names after `after`, in name order, counted.
     async fn list_kbs(&self, tenant: &str, after: &str, limit: usize)
     -> Result<Vec<KnowledgeBase>>;
     /// Deletes a knowledge base with its documents and jobs; returns the document ids removed.

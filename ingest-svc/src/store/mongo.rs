@@ -190,41 +190,35 @@ fn unleased(now: i64) -> BsonDoc {
 }
 
 impl MongoStore {
-    async fn kb_from(&self, d: &BsonDoc) -> Result<KnowledgeBase> {
+    /// A knowledge base from its row, counted (see [`CatalogStore::count_kb`]) if `counted`.
+    async fn kb_from(&self, d: &BsonDoc, counted: bool) -> Result<KnowledgeBase> {
         const WHAT: &str = "knowledge base";
-        let id = text(d, "id", WHAT)?;
-        let document_count = self.docs.count_documents(doc! { "kb_id": &id }).await?;
         let start_time = number_or_zero(d, "reindex_start");
-        let reindex = if start_time == 0 {
-            None
-        } else {
-            let remaining = self
-                .docs
-                .count_documents(doc! { "kb_id": &id, "job.reindex": { "$gt": 0 } })
-                .await?;
-            Some(Reindex {
-                total: number_or_zero(d, "reindex_total") as u64,
-                remaining,
-                start_time,
-            })
-        };
-        Ok(KnowledgeBase {
+        let mut kb = KnowledgeBase {
             tenant: text(d, "tenant", WHAT)?,
             name: text(d, "name", WHAT)?,
             description: text(d, "description", WHAT)?,
             embedding_model: text(d, "embedding_model", WHAT)?,
             dimension: number(d, "dimension", WHAT)? as u32,
             create_time: number(d, "create_time", WHAT)?,
-            document_count,
+            document_count: 0,
             ready: d.get_str("state").is_ok_and(|s| s == "ready"),
-            reindex,
-            id,
-        })
+            reindex: (start_time != 0).then(|| Reindex {
+                total: number_or_zero(d, "reindex_total") as u64,
+                remaining: 0,
+                start_time,
+            }),
+            id: text(d, "id", WHAT)?,
+        };
+        if counted {
+            self.count_kb(&mut kb).await?;
+        }
+        Ok(kb)
     }
 
-    async fn find_kb_where(&self, filter: BsonDoc) -> Result<Option<KnowledgeBase>> {
+    async fn find_kb_where(&self, filter: BsonDoc, counted: bool) -> Result<Option<KnowledgeBase>> {
         match self.kbs.find_one(filter).await? {
-            Some(d) => Ok(Some(self.kb_from(&d).await?)),
+            Some(d) => Ok(Some(self.kb_from(&d, counted).await?)),
             None => Ok(None),
         }
     }
@@ -381,7 +375,7 @@ impl CatalogStore for MongoStore {
         let filter = doc! { "tenant": &kb.tenant, "name": &kb.name };
         // Twice: a reservation racing ours wins the unique index, then we see it.
         for _ in 0..2 {
-            if let Some(existing) = self.find_kb_where(filter.clone()).await? {
+            if let Some(existing) = self.find_kb_where(filter.clone(), false).await? {
                 return Ok(if existing.ready {
                     Reservation::Taken
                 } else {
@@ -428,12 +422,26 @@ impl CatalogStore for MongoStore {
     }
 
     async fn find_kb(&self, tenant: &str, name: &str) -> Result<Option<KnowledgeBase>> {
-        self.find_kb_where(doc! { "tenant": tenant, "name": name, "state": "ready" })
-            .await
+        self.find_kb_where(
+            doc! { "tenant": tenant, "name": name, "state": "ready" },
+            false,
+        )
+        .await
     }
 
     async fn kb_by_id(&self, id: &str) -> Result<Option<KnowledgeBase>> {
-        self.find_kb_where(doc! { "id": id }).await
+        self.find_kb_where(doc! { "id": id }, false).await
+    }
+
+    async fn count_kb(&self, kb: &mut KnowledgeBase) -> Result<()> {
+        kb.document_count = self.docs.count_documents(doc! { "kb_id": &kb.id }).await?;
+        if let Some(reindex) = &mut kb.reindex {
+            reindex.remaining = self
+                .docs
+                .count_documents(doc! { "kb_id": &kb.id, "job.reindex": { "$gt": 0 } })
+                .await?;
+        }
+        Ok(())
     }
 
     async fn list_kbs(
@@ -452,7 +460,7 @@ impl CatalogStore for MongoStore {
             .await?;
         let mut kbs = Vec::with_capacity(rows.len());
         for row in &rows {
-            kbs.push(self.kb_from(row).await?);
+            kbs.push(self.kb_from(row, true).await?);
         }
         Ok(kbs)
     }
@@ -477,7 +485,7 @@ impl CatalogStore for MongoStore {
     }
 
     async fn start_reindex(&self, kb_id: &str) -> Result<Option<KnowledgeBase>> {
-        let Some(kb) = self.kb_by_id(kb_id).await? else {
+        let Some(kb) = self.find_kb_where(doc! { "id": kb_id }, true).await? else {
             return Ok(None);
         };
         if kb.reindex.is_some_and(|r| r.remaining > 0) {
@@ -510,7 +518,7 @@ impl CatalogStore for MongoStore {
                 doc! { "$set": { "reindex_total": total as i64, "reindex_start": now } },
             )
             .await?;
-        self.kb_by_id(kb_id).await
+        self.find_kb_where(doc! { "id": kb_id }, true).await
     }
 
     async fn get_doc(&self, kb_id: &str, id: &str) -> Result<Option<Document>> {
