@@ -146,11 +146,7 @@ impl Chunker {
 }
 
 /// `text`'s pieces under `config`, split as Markdown or as plain text.
-fn pieces<'t, S: ChunkSizer>(
-    config: ChunkConfig<S>,
-    markdown: bool,
-    text: &'t str,
-) -> Vec<(usize, &'t str)> {
+fn pieces<S: ChunkSizer>(config: ChunkConfig<S>, markdown: bool, text: &str) -> Vec<(usize, &str)> {
     match markdown {
         true => MarkdownSplitter::new(config).chunk_indices(text).collect(),
         false => TextSplitter::new(config).chunk_indices(text).collect(),

@@ -341,7 +341,8 @@ impl CatalogStore for SqliteStore {
 
     async fn set_status(&self, id: &str, status: Status, error: &str) -> Result<bool> {
         let (id, error) = (id.to_owned(), error.to_owned());
-        self.call_progress(move |c| set_status(c, &id, status, &error)).await
+        self.call_progress(move |c| set_status(c, &id, status, &error))
+            .await
     }
 
     async fn set_chunk_count(&self, id: &str, chunks: u32, status: Status) -> Result<bool> {
@@ -399,7 +400,8 @@ impl CatalogStore for SqliteStore {
 
     async fn renew_lease(&self, job: &Job, lease_ms: i64) -> Result<bool> {
         let job = job.clone();
-        self.call_progress(move |c| renew_lease(c, &job, lease_ms)).await
+        self.call_progress(move |c| renew_lease(c, &job, lease_ms))
+            .await
     }
 
     async fn complete_job(&self, job: &Job) -> Result<()> {
