@@ -1,7 +1,8 @@
 //! The catalog in SQLite, the embedded default (WAL mode, full sync, so an acknowledged write
 //! survives a crash of the machine; a job's own progress is only synced with the next synced
-//! write, see `SqliteStore::call_progress`). The connection is synchronous; [`SqliteStore`] runs each operation on the
-//! blocking pool so async callers never stall the runtime. One job row per document.
+//! write, see `SqliteStore::call_progress`). The connection is synchronous; [`SqliteStore`]
+//! runs each operation on the blocking pool so async callers never stall the runtime. One job
+//! row per document.
 //!
 //! The schema is versioned (`PRAGMA user_version`) and migrated at open; see [`migrations`].
 
