@@ -91,7 +91,7 @@ fn print_cpu(before: &[(&str, f64)], after: &[(&str, f64)], chunks: u64) {
 ///
 /// Completion is followed with `GetDocument` on the oldest documents not seen INDEXED yet (jobs
 /// run oldest first, so that is usually one or two calls per poll): listing every document ten
-/// times a second would load the gateway and ingest-svc as much as a tenth of the work measured.
+/// times a second loaded the gateway and ingest-svc with work the raw run does not have.
 async fn ingest_all(cluster: &Cluster, kb: &str, corpus: &[(String, String)]) -> (Duration, u64) {
     let started = Instant::now();
     let lanes = 4;
