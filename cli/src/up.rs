@@ -6,7 +6,7 @@
 //! Only the gateway may listen beyond loopback (`--host`); the internal services have no
 //! authentication and stay on `--internal-host`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -160,11 +160,11 @@ struct ServiceEntry {
     last_exit: Option<String>,
 }
 
-/// The address for a service: `port`, checked to be free now (so a second `smartdb up` fails
-/// at once instead of restarting children that cannot bind), or a free port if `port` is 0.
-/// Picks the cluster's addresses. Each is checked by binding it, and the listeners are held
-/// until every address is picked: a released port could otherwise be handed out again (port 0)
-/// and two services would get the same one.
+/// Picks the cluster's addresses by binding them: `port`, so a second `smartdb up` fails at once
+/// instead of restarting children that cannot bind, or a free port if `port` is 0. The bound
+/// listeners are handed to the services' first processes ([`smartdb_kit::listeners`]): a port
+/// released before its service binds it could be taken meanwhile by another program, or by
+/// another cluster picking free ports at the same moment.
 #[derive(Default)]
 struct Ports {
     held: Vec<std::net::TcpListener>,
@@ -182,6 +182,15 @@ impl Ports {
         let addr = listener.local_addr()?;
         self.held.push(listener);
         Ok(addr)
+    }
+
+    /// The listener picked for `addr` (each is picked once, so exactly one).
+    fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let at = self
+            .held
+            .iter()
+            .position(|l| l.local_addr().ok() == Some(addr))?;
+        Some(self.held.swap_remove(at))
     }
 
     fn http_addr(
@@ -325,7 +334,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             http: ports.http_addr(h, gateway.port(), args.gateway_port, off)?,
         },
     ]);
-    // All picked and distinct: free them for the services.
+    // All picked and distinct: each service's first process gets its two.
+    let mut listeners = HashMap::new();
+    for spec in &specs {
+        if let (Some(grpc), Some(http)) = (ports.take(spec.grpc), ports.take(spec.http)) {
+            listeners.insert(spec.name, [grpc, http]);
+        }
+    }
     drop(ports);
 
     let state = Arc::new(Mutex::new(ClusterFile {
@@ -356,6 +371,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             file: cluster_file.clone(),
             crash_loop_after: args.crash_loop_after.max(1),
             crash_loops: crash_tx.clone(),
+            listeners: listeners.remove(spec.name),
         };
         supervisors.push(Running {
             name: spec.name,
@@ -428,7 +444,12 @@ fn write_state(path: &Path, state: &Mutex<ClusterFile>) {
     }
 }
 
-fn spawn_child(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
+/// Starts one process of `spec`'s service, handing it `listeners` (gRPC, HTTP) if given.
+fn spawn_child(
+    exe: &Path,
+    spec: &Spec,
+    listeners: Option<&[std::net::TcpListener; 2]>,
+) -> anyhow::Result<Child> {
     let mut command = Command::new(exe);
     command
         .arg("serve")
@@ -452,6 +473,9 @@ fn spawn_child(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
             }
             Ok(())
         });
+    }
+    if let Some([grpc, http]) = listeners {
+        smartdb_kit::listeners::hand_over(command.as_std_mut(), &[grpc, http]);
     }
     let mut child = command
         .spawn()
@@ -489,6 +513,11 @@ struct Supervisor {
     crash_loop_after: u32,
     /// Where a service that crash-loops is reported.
     crash_loops: tokio::sync::mpsc::UnboundedSender<String>,
+    /// The sockets `up` bound for the service (gRPC, HTTP), until its first process has them.
+    /// Restarts bind the addresses themselves: holding the sockets while a service is down
+    /// would queue its callers' connections instead of refusing them, and callers would wait
+    /// for their deadlines instead of failing over at once.
+    listeners: Option<[std::net::TcpListener; 2]>,
 }
 
 impl Supervisor {
@@ -505,11 +534,15 @@ impl Supervisor {
         write_state(&self.file, &self.state);
     }
 
-    async fn run(self, mut stop: watch::Receiver<bool>) {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let name = self.spec.name;
         let mut quick_crashes = 0u32;
         loop {
-            let outcome = match spawn_child(&self.exe, &self.spec) {
+            // The first process takes the sockets; `up`'s copies close once it has them.
+            let listeners = self.listeners.take();
+            let spawned = spawn_child(&self.exe, &self.spec, listeners.as_ref());
+            drop(listeners);
+            let outcome = match spawned {
                 Ok(mut child) => {
                     let started = Instant::now();
                     self.record(|e| {

@@ -117,7 +117,7 @@ impl Embedder {
                 .iter()
                 .map(|&i| format!("{prefix}{}", texts[i]))
                 .collect();
-            let computed = provider.embed(inputs).await?;
+            let computed = provider.embed(inputs, kind).await?;
             if computed.len() != unique.len() {
                 return Err(Error::Internal(format!(
                     "provider returned {} vectors for {} texts",

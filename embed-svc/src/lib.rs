@@ -34,7 +34,8 @@ pub struct Config {
     /// Memory for the embedding cache, in MiB.
     #[arg(long, env = "SMARTDB_EMBED_CACHE_MB", default_value_t = 256)]
     pub cache_mb: u64,
-    /// Embed calls allowed to wait for the local model before callers get RESOURCE_EXHAUSTED.
+    /// Embed calls of each kind (queries, documents) allowed to wait for the local model before
+    /// callers get RESOURCE_EXHAUSTED.
     #[arg(long, env = "SMARTDB_EMBED_QUEUE", default_value_t = 64)]
     pub queue_depth: usize,
     /// Most texts the local model embeds in one coalesced batch.

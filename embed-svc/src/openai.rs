@@ -17,7 +17,7 @@ use tokio_retry::strategy::{ExponentialBackoff, jitter};
 
 use crate::error::{Error, Result};
 use crate::model::Embedded;
-use crate::provider::{ModelDescriptor, Provider};
+use crate::provider::{InputKind, ModelDescriptor, Provider};
 
 /// First retry delay before jitter; it doubles per attempt.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -169,7 +169,8 @@ impl OpenAiProvider {
         if let Some(known) = self.discovered.get() {
             return Ok(known.dimension);
         }
-        self.embed(vec!["dimension probe".to_owned()]).await?;
+        self.embed(vec!["dimension probe".to_owned()], InputKind::Query)
+            .await?;
         Ok(self.descriptor().dimension)
     }
 
@@ -353,7 +354,8 @@ impl Provider for OpenAiProvider {
         None
     }
 
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedded>> {
+    // The remote service schedules its own work: both kinds go out as they come.
+    async fn embed(&self, texts: Vec<String>, _kind: InputKind) -> Result<Vec<Embedded>> {
         let count = texts.len();
         let chunks = split(
             texts,
@@ -528,6 +530,11 @@ mod tests {
         (serve(router).await, count)
     }
 
+    /// One document text, "a", through `provider`.
+    async fn embed_a(provider: &OpenAiProvider) -> Result<Vec<Embedded>> {
+        provider.embed(vec!["a".into()], InputKind::Document).await
+    }
+
     fn config(base_url: String) -> OpenAiConfig {
         OpenAiConfig {
             max_retries: 3,
@@ -579,7 +586,10 @@ mod tests {
         let texts: Vec<String> = (0..10)
             .map(|i| format!("sentence number {i} about topic {}", i * 7 % 5))
             .collect();
-        let remote = provider.embed(texts.clone()).await.unwrap();
+        let remote = provider
+            .embed(texts.clone(), InputKind::Document)
+            .await
+            .unwrap();
         let local = embedder
             .embed(texts, InputKind::Document, &model)
             .await
@@ -609,7 +619,10 @@ mod tests {
         .await;
         let provider = OpenAiProvider::new(config(base)).unwrap();
         let started = Instant::now();
-        let out = provider.embed(vec!["a".into(), "b".into()]).await.unwrap();
+        let out = provider
+            .embed(vec!["a".into(), "b".into()], InputKind::Document)
+            .await
+            .unwrap();
         assert!(
             started.elapsed() >= Duration::from_secs(1),
             "{:?}",
@@ -630,7 +643,7 @@ mod tests {
         })
         .await;
         let provider = OpenAiProvider::new(config(base)).unwrap();
-        assert_eq!(provider.embed(vec!["a".into()]).await.unwrap().len(), 1);
+        assert_eq!(embed_a(&provider).await.unwrap().len(), 1);
         assert_eq!(count.load(Ordering::SeqCst), 3);
     }
 
@@ -645,7 +658,7 @@ mod tests {
         })
         .await;
         let provider = OpenAiProvider::new(config(base)).unwrap();
-        match provider.embed(vec!["a".into()]).await {
+        match embed_a(&provider).await {
             Err(Error::InvalidArgument { field, message }) => {
                 assert_eq!(field, "texts");
                 assert!(message.contains("input too long"), "{message}");
@@ -664,7 +677,7 @@ mod tests {
         })
         .unwrap();
         assert!(matches!(
-            provider.embed(vec!["a".into()]).await,
+            embed_a(&provider).await,
             Err(Error::ResourceExhausted { .. })
         ));
         assert_eq!(count.load(Ordering::SeqCst), 3);
@@ -676,7 +689,7 @@ mod tests {
         })
         .unwrap();
         assert!(matches!(
-            provider.embed(vec!["a".into()]).await,
+            embed_a(&provider).await,
             Err(Error::Unavailable(_))
         ));
     }
@@ -702,14 +715,14 @@ mod tests {
         // Two failed calls (two attempts each) open the breaker.
         for _ in 0..2 {
             assert!(matches!(
-                provider.embed(vec!["a".into()]).await,
+                embed_a(&provider).await,
                 Err(Error::Unavailable(_))
             ));
         }
         assert_eq!(count.load(Ordering::SeqCst), 4);
         // Open: rejected at once, without a request.
         let started = Instant::now();
-        match provider.embed(vec!["a".into()]).await {
+        match embed_a(&provider).await {
             Err(Error::Unavailable(message)) => assert!(message.contains("circuit"), "{message}"),
             other => panic!("unexpected {other:?}"),
         }
@@ -717,8 +730,15 @@ mod tests {
         assert_eq!(count.load(Ordering::SeqCst), 4);
         // After the open period a trial goes through, succeeds, and closes the breaker.
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(provider.embed(vec!["a".into()]).await.unwrap().len(), 1);
-        assert_eq!(provider.embed(vec!["b".into()]).await.unwrap().len(), 1);
+        assert_eq!(embed_a(&provider).await.unwrap().len(), 1);
+        assert_eq!(
+            provider
+                .embed(vec!["b".into()], InputKind::Document)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         assert_eq!(count.load(Ordering::SeqCst), 6);
     }
 }

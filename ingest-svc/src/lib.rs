@@ -52,8 +52,9 @@ pub struct Config {
     /// Address of search-svc (its IndexService), in the same forms.
     #[arg(long, env = "SMARTDB_SEARCH_ADDR", default_value = "127.0.0.1:50052")]
     pub search_addr: String,
-    /// Indexing workers running at once.
-    #[arg(long, env = "SMARTDB_INGEST_WORKERS", default_value_t = 2)]
+    /// Indexing workers running at once. Enough to keep the model busy while others parse,
+    /// store and commit; searches do not wait behind them (embed-svc serves queries first).
+    #[arg(long, env = "SMARTDB_INGEST_WORKERS", default_value_t = 8)]
     pub workers: usize,
     /// How long a worker's claim on a job lasts without renewal: a job whose worker died is
     /// taken up again after this.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod context;
 pub mod ids;
 pub mod limits;
+pub mod listeners;
 pub mod memory;
 pub mod metrics;
 #[cfg(feature = "mongodb")]

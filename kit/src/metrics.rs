@@ -103,9 +103,9 @@ pub async fn serve_http(
     router: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
+    let listener = crate::server::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("bind HTTP {addr}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("HTTP endpoint: {e}"))?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, router)

@@ -351,8 +351,13 @@ impl smartdb_proto::v1::telemetry_service_server::TelemetryService for Telemetry
     }
 }
 
-/// Binds a TCP listener, with a readable error naming the address.
+/// Binds a TCP listener, with a readable error naming the address; takes the listener for
+/// exactly this address if the parent process handed one over ([`crate::listeners`]).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    if let Some(listener) = crate::listeners::take(addr) {
+        listener.set_nonblocking(true)?;
+        return Ok(TcpListener::from_std(listener)?);
+    }
     TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))

@@ -1,7 +1,9 @@
 //! Ingest throughput: end-to-end ingest of a real corpus through the public API (documents/s,
 //! chunks/s) against the raw throughput of embed-svc on exactly the same chunk texts, in the
 //! same run on the same cluster; then a re-ingest of the same corpus into a new knowledge base,
-//! counting the model's inputs (the embedding cache should leave none).
+//! counting the model's inputs (the embedding cache should leave none); then an ingest of other
+//! abstracts with a search every 500 ms, for what users searching meanwhile see, against the
+//! same searches on the idle cluster afterwards.
 //!
 //! ```sh
 //! cargo build -p smartdb-cli -p smartdb-tests --benches      # or --release for both
@@ -10,9 +12,9 @@
 //!
 //! Pipeline efficiency = ingest chunks/s ÷ raw embed-svc chunks/s (goal ≥ 0.9): the model is
 //! the bottleneck, so everything ingest-svc adds (upload, parse, chunk, batching, index writes,
-//! bookkeeping) shows as the gap. The raw run feeds embed-svc batches of 32 texts from as many
-//! concurrent callers as ingest-svc has workers; embed-svc is restarted between the runs so
-//! neither is served by the other's cache.
+//! bookkeeping) shows as the gap. The raw run feeds embed-svc batches of 32 texts from two
+//! concurrent callers (enough to keep the model busy: one batch runs while the next waits);
+//! embed-svc is restarted between the runs so neither is served by the other's cache.
 //!
 //! Env: `SMARTDB_BENCH_DOCS` (SciFact abstracts, default 2000), `SMARTDB_BIN` (the `smartdb`
 //! binary, default the one built next to this bench).
@@ -28,7 +30,8 @@ use smartdb_ingest::extract::ContentType;
 use smartdb_proto::v1 as pb;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// Workers of ingest-svc (its default) and callers of the raw run.
+/// Callers of the raw run (ingest-svc runs its default 8 workers unless
+/// `SMARTDB_INGEST_WORKERS` says otherwise).
 const WORKERS: usize = 2;
 const BATCH: usize = smartdb_ingest::downstream::EMBED_BATCH;
 
@@ -163,6 +166,67 @@ async fn ingest_all(cluster: &Cluster, kb: &str, corpus: &[(String, String)]) ->
     (took, chunks)
 }
 
+/// Searches `kb` once every 500 ms (each query a different text, so neither the result cache nor
+/// the embedding cache answers) until `stop` is set; returns each search's latency in ms.
+async fn search_while(
+    cluster: &Cluster,
+    kb: &str,
+    queries: Vec<String>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<f64> {
+    let mut search = cluster.search().await;
+    let mut took = Vec::new();
+    // A user's pace, not a load test.
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    for query in queries {
+        every.tick().await;
+        if *stop.borrow() {
+            break;
+        }
+        let started = Instant::now();
+        let response = search
+            .search(pb::SearchRequest {
+                knowledge_base: kb.to_owned(),
+                query,
+                top_k: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("search: {s:?}"))
+            .into_inner();
+        took.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert!(!response.degraded, "{response:?}");
+    }
+    took
+}
+
+/// "p50 X ms, p99 Y ms (N searches)".
+fn latency_summary(mut took: Vec<f64>) -> String {
+    if took.is_empty() {
+        return "no searches".to_owned();
+    }
+    took.sort_by(f64::total_cmp);
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} searches)",
+        at(0.5),
+        at(0.99),
+        took[took.len() - 1],
+        took.len()
+    )
+}
+
+/// Distinct query texts: the first words of the corpus's documents, numbered from `from`.
+fn queries(corpus: &[(String, String)], from: usize, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let (_, text) = &corpus[(from + i) % corpus.len()];
+            let words: Vec<&str> = text.split_whitespace().take(12).collect();
+            format!("{} {}", from + i, words.join(" "))
+        })
+        .collect()
+}
+
 fn stored_id(response: &pb::IngestTextResponse) -> String {
     response.document.as_ref().expect("document").id.clone()
 }
@@ -293,7 +357,6 @@ async fn main() {
         "pipeline efficiency: {:.2} (ingest chunks/s ÷ raw embed-svc chunks/s; goal ≥ 0.9)",
         rate / raw_rate
     );
-
     // 3. The same corpus into a new knowledge base: the embedding cache answers.
     create_kb(&cluster, "again").await;
     let inputs_before = embed_counter(&cluster, "embed_model_inputs_total").await;
@@ -305,5 +368,43 @@ async fn main() {
         "re-ingest:        {chunks} chunks in {:.1} s = {:.1} chunks/s; model inputs {inputs} (goal 0), cache hits {hits}",
         took.as_secs_f64(),
         chunks as f64 / took.as_secs_f64()
+    );
+
+    // 4. Searching during an ingest: more abstracts (not in the embedding cache) into a new
+    // knowledge base, and a search every 500 ms into another one that is not being written
+    // (its answers are not invalidated by the ingest); then the same searches on the idle cluster.
+    let more: Vec<(String, String)> = common::scifact()
+        .into_iter()
+        .skip(docs)
+        .take((docs / 3).max(100))
+        .collect();
+    create_kb(&cluster, "searched").await;
+    let (_, seed) = ingest_all(&cluster, "searched", &more[..50]).await;
+    assert!(seed > 0);
+    create_kb(&cluster, "during").await;
+    let (stop_searching, stop) = tokio::sync::watch::channel(false);
+    let ((took, chunks), during) = tokio::join!(
+        async {
+            let done = ingest_all(&cluster, "during", &more[50..]).await;
+            let _ = stop_searching.send(true);
+            done
+        },
+        search_while(&cluster, "searched", queries(&corpus, 0, 100_000), stop)
+    );
+    let idle = {
+        let (_, stop) = tokio::sync::watch::channel(false);
+        search_while(
+            &cluster,
+            "searched",
+            queries(&corpus, 100_000, during.len()),
+            stop,
+        )
+        .await
+    };
+    println!(
+        "searching while {chunks} chunks are ingested ({:.1} chunks/s): {}; idle: {}",
+        chunks as f64 / took.as_secs_f64(),
+        latency_summary(during),
+        latency_summary(idle)
     );
 }

@@ -110,7 +110,9 @@ async fn get_metrics_reports_a_known_load() {
     assert!(gw.p50_ms > 0.0 && gw.p50_ms <= gw.p95_ms && gw.p95_ms <= gw.p99_ms);
     assert!(gw.p50_ms <= bucket_top(client(0.5)), "{gw:?}");
     assert!(gw.p99_ms <= bucket_top(*took.last().unwrap()), "{gw:?}");
-    assert!(gw.p50_ms >= client(0.5) / 10.0, "{gw:?}");
+    // Not off by a unit (1000×). Only loosely tied to the client's time: on a loaded machine the
+    // client's side (scheduling, the loopback hop) has measured over 10× a cached call's 0.3 ms.
+    assert!(gw.p50_ms >= client(0.5) / 100.0, "{gw:?}");
     // search-svc saw the same calls behind the gateway.
     let ss = rpc(&m, "search-svc", SEARCH);
     assert_eq!(ss.requests, (1 + CACHED + MISSING) as u64, "{ss:?}");

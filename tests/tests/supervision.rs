@@ -1,7 +1,8 @@
 //! `smartdb up` as a supervisor: a child killed with SIGKILL comes back, data survives the
 //! restart, SIGTERM stops everything cleanly and in order (gateway first), a child that cannot
 //! be restarted does not stop Ctrl-C from working, a service that keeps crashing is reported
-//! and makes `up` give up, and only the gateway listens beyond loopback.
+//! and makes `up` give up, only the gateway listens beyond loopback, and services listen on the
+//! sockets `up` bound for them (no other program can take a port in between).
 
 mod common;
 
@@ -211,4 +212,114 @@ async fn only_the_gateway_listens_beyond_loopback() {
         assert!(info.grpc.starts_with("127.0.0.1:"), "{internal}: {info:?}");
         assert!(info.http.starts_with("127.0.0.1:"), "{internal}: {info:?}");
     }
+}
+
+/// Inode of the IPv4 socket listening on `port`, from the kernel's socket table.
+fn listening_inode(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+        // State 0A is LISTEN.
+        if local != port || fields.get(3) != Some(&"0A") {
+            return None;
+        }
+        fields.get(9).map(|inode| inode.to_string())
+    })
+}
+
+/// The socket inodes process `pid` holds, by descriptor.
+fn socket_fds(pid: u32) -> Vec<(i32, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            let inode = target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?;
+            Some((entry.file_name().to_str()?.parse().ok()?, inode.to_owned()))
+        })
+        .collect()
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// `smartdb up` binds every port when it picks it and hands the sockets to the services (fds 3
+/// and 4, `LISTEN_FDS`), then closes its own copies, so a service that dies refuses connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn services_listen_on_the_sockets_up_bound_for_them() {
+    let cluster = Cluster::start().await;
+    let up_sockets: Vec<String> = socket_fds(cluster.pid())
+        .into_iter()
+        .map(|(_, i)| i)
+        .collect();
+    for name in ["gateway", "search-svc", "ingest-svc", "embed-svc"] {
+        let info = cluster.service(name);
+        let held = socket_fds(info.pid.expect("pid"));
+        for (fd, addr) in [(3, &info.grpc), (4, &info.http)] {
+            let inode = listening_inode(port_of(addr))
+                .unwrap_or_else(|| panic!("nothing listens on {name}'s {addr}"));
+            assert!(
+                held.contains(&(fd, inode.clone())),
+                "{name} does not listen on the socket handed to it as fd {fd} ({addr}): {held:?}"
+            );
+            assert!(
+                !up_sockets.contains(&inode),
+                "smartdb up still holds {name}'s socket {addr}"
+            );
+        }
+    }
+}
+
+/// A service started with a listening socket handed over (systemd's `LISTEN_FDS`) serves on it,
+/// even though the port is taken: the test keeps its own copies open, so binding it would fail.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_serves_on_the_sockets_handed_to_it() {
+    let data = tempfile::tempdir().unwrap();
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (grpc_addr, http_addr) = (
+        grpc.local_addr().unwrap().to_string(),
+        http.local_addr().unwrap().to_string(),
+    );
+    let search_svc = || {
+        let mut command = Command::new(smartdb_bin());
+        command
+            .args(["serve", "search", "--listen", grpc_addr.as_str()])
+            .args(["--http-listen", http_addr.as_str()])
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--embed-addr", "127.0.0.1:9"])
+            .env("SMARTDB_LOG", "warn")
+            .stdin(Stdio::null());
+        command
+    };
+    let mut command = search_svc();
+    smartdb_kit::listeners::hand_over(&mut command, &[&grpc, &http]);
+    let mut child = command.spawn().unwrap();
+    let answered = eventually(Duration::from_secs(60), "search-svc to answer", || {
+        let addr = grpc_addr.clone();
+        async move { health(&addr, "").await }
+    })
+    .await;
+    let metrics = common::http_get(&http_addr, "/metrics").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        matches!(answered, ServingStatus::Serving | ServingStatus::NotServing),
+        "{answered:?}"
+    );
+    assert!(metrics.contains("grpc_server"), "{metrics}");
+    // Without the handover the same start fails: the port is taken.
+    let status = search_svc().stderr(Stdio::piped()).output().unwrap();
+    assert!(!status.status.success());
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {grpc_addr}")),
+        "{stderr}"
+    );
 }

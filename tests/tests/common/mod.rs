@@ -302,18 +302,21 @@ impl ExtraService {
     /// Starts `smartdb serve <service>` with these flags and environment on a free port,
     /// without waiting.
     pub fn serve(service: &str, args: &[&str], env: &[(&str, &str)]) -> ExtraService {
-        let port = smartdb_kit::server::free_port().unwrap();
-        let http = smartdb_kit::server::free_port().unwrap();
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(smartdb_bin())
+        // Bound here and handed over, as `smartdb up` does: a port only picked here could be
+        // taken by a concurrent test before the service binds it.
+        let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = grpc.local_addr().unwrap().to_string();
+        let mut command = Command::new(smartdb_bin());
+        command
             .args(["serve", service, "--listen", &addr])
-            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .args(["--http-listen", &http.local_addr().unwrap().to_string()])
             .args(args)
             .env("SMARTDB_LOG", "warn")
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start a service");
+            .stdin(Stdio::null());
+        smartdb_kit::listeners::hand_over(&mut command, &[&grpc, &http]);
+        let child = command.spawn().expect("start a service");
         ExtraService { child, addr }
     }
 }
