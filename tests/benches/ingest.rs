@@ -2,8 +2,8 @@
 //! chunks/s) against the raw throughput of embed-svc on exactly the same chunk texts, in the
 //! same run on the same cluster; then a re-ingest of the same corpus into a new knowledge base,
 //! counting the model's inputs (the embedding cache should leave none); then an ingest of other
-//! abstracts with a search every 500 ms, for what users searching meanwhile see, against the
-//! same searches on the idle cluster afterwards.
+//! abstracts with a search every 500 ms, for what users searching meanwhile see, against as
+//! many searches on the idle cluster afterwards.
 //!
 //! ```sh
 //! cargo build -p smartdb-cli -p smartdb-tests --benches      # or --release for both
@@ -200,7 +200,7 @@ async fn search_while(
     took
 }
 
-/// "p50 X ms, p99 Y ms (N searches)".
+/// "p50 X ms, p99 Y ms, max Z ms (N searches)".
 fn latency_summary(mut took: Vec<f64>) -> String {
     if took.is_empty() {
         return "no searches".to_owned();
@@ -372,7 +372,7 @@ async fn main() {
 
     // 4. Searching during an ingest: more abstracts (not in the embedding cache) into a new
     // knowledge base, and a search every 500 ms into another one that is not being written
-    // (its answers are not invalidated by the ingest); then the same searches on the idle cluster.
+    // (its answers are not invalidated by the ingest); then as many searches on the idle cluster.
     let more: Vec<(String, String)> = common::scifact()
         .into_iter()
         .skip(docs)
