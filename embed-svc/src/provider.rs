@@ -210,12 +210,17 @@ impl Lanes {
         }
     }
 
-    /// A waiting call of `kind`, without waiting.
-    fn try_take(&mut self, kind: InputKind) -> Option<Job> {
-        let (carried, queue) = match kind {
+    /// The queue of `kind` and its carried call.
+    fn lane(&mut self, kind: InputKind) -> (&mut Option<Job>, &mut mpsc::Receiver<Job>) {
+        match kind {
             InputKind::Query => (&mut self.carried_query, &mut self.queries),
             InputKind::Document => (&mut self.carried_document, &mut self.documents),
-        };
+        }
+    }
+
+    /// A waiting call of `kind`, without waiting.
+    fn try_take(&mut self, kind: InputKind) -> Option<Job> {
+        let (carried, queue) = self.lane(kind);
         carried.take().or_else(|| queue.try_recv().ok())
     }
 
@@ -276,26 +281,17 @@ impl Lanes {
             let next = match self.try_take(kind) {
                 Some(job) => Some(job),
                 None if limits.window.is_zero() => None,
-                None => {
-                    let queue = match kind {
-                        InputKind::Query => &mut self.queries,
-                        InputKind::Document => &mut self.documents,
-                    };
-                    tokio::time::timeout_at(deadline, queue.recv())
-                        .await
-                        .ok()
-                        .flatten()
-                }
+                None => tokio::time::timeout_at(deadline, self.lane(kind).1.recv())
+                    .await
+                    .ok()
+                    .flatten(),
             };
             let Some(job) = next else { break };
             metrics::gauge!("embed_queue_calls").set(self.waiting() as f64);
             let job_tokens = estimate_tokens(&job.texts, per_text);
             if texts + job.texts.len() > limits.max_texts || tokens + job_tokens > limits.max_tokens
             {
-                match kind {
-                    InputKind::Query => self.carried_query = Some(job),
-                    InputKind::Document => self.carried_document = Some(job),
-                }
+                *self.lane(kind).0 = Some(job);
                 break;
             }
             texts += job.texts.len();

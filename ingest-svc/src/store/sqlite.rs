@@ -464,11 +464,29 @@ const KB_COLUMNS: &str = "k.id, k.tenant, k.name, k.description, k.embedding_mod
 
 /// A knowledge base's row with its counts (documents, reindex jobs left): each is a scan of the
 /// knowledge base's documents or of the jobs, so only answers that show them use it.
-const KB_COUNTED_COLUMNS: &str =
-    "k.id, k.tenant, k.name, k.description, k.embedding_model, k.dimension, k.create_time,
-    (SELECT COUNT(*) FROM documents d WHERE d.kb_id = k.id), k.state, k.reindex_total,
-    k.reindex_start, (SELECT COUNT(*) FROM jobs j JOIN documents d ON d.id = j.document_id
-        WHERE d.kb_id = k.id AND j.reindex != 0)";
+const KB_COUNTED_COLUMNS: &str = concat!(
+    "k.id, k.tenant, k.name, k.description, k.embedding_model, k.dimension, k.create_time, ",
+    documents_of_k!(),
+    ", k.state, k.reindex_total, k.reindex_start, ",
+    reindex_left_of_k!()
+);
+
+/// The number of documents of the knowledge base `k` (SQL, for the queries that count).
+macro_rules! documents_of_k {
+    () => {
+        "(SELECT COUNT(*) FROM documents d WHERE d.kb_id = k.id)"
+    };
+}
+use documents_of_k;
+
+/// The number of reindex jobs left of the knowledge base `k` (SQL).
+macro_rules! reindex_left_of_k {
+    () => {
+        "(SELECT COUNT(*) FROM jobs j JOIN documents d ON d.id = j.document_id
+            WHERE d.kb_id = k.id AND j.reindex != 0)"
+    };
+}
+use reindex_left_of_k;
 
 /// Reserves `kb.name` for `kb` (state `creating`): the first step of a create.
 fn reserve_kb(conn: &mut Connection, kb: &KnowledgeBase) -> Result<Reservation> {
@@ -544,10 +562,15 @@ fn kb_by_id(conn: &Connection, id: &str) -> Result<Option<KnowledgeBase>> {
 
 /// A knowledge base's documents, and its documents whose reindex job is pending.
 fn count_kb(conn: &Connection, id: &str) -> Result<(u64, u64)> {
+    // The same counts as KB_COUNTED_COLUMNS; zeros for an id without a row.
     Ok(conn.row(
-        "SELECT (SELECT COUNT(*) FROM documents WHERE kb_id = ?1),
-                (SELECT COUNT(*) FROM jobs j JOIN documents d ON d.id = j.document_id
-                 WHERE d.kb_id = ?1 AND j.reindex != 0)",
+        concat!(
+            "SELECT ",
+            documents_of_k!(),
+            ", ",
+            reindex_left_of_k!(),
+            " FROM (SELECT ?1 AS id) k"
+        ),
         params![id],
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )?)
