@@ -17,6 +17,7 @@ pub mod mongo;
 pub mod redis;
 pub mod server;
 pub mod shutdown;
+mod spans;
 pub mod status;
 pub mod telemetry;
 #[cfg(feature = "testing")]
