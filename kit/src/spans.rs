@@ -138,11 +138,12 @@ struct FieldVisitor<'a> {
 }
 
 impl FieldVisitor<'_> {
-    fn set(&mut self, field: &Field, value: impl Into<Value> + fmt::Display) {
+    /// Takes a field given as text; false if it is an attribute for the caller to keep.
+    fn special(&mut self, field: &Field, value: &str) -> bool {
         match field.name() {
-            "otel.name" => self.recorded.name = Cow::Owned(value.to_string()),
+            "otel.name" => self.recorded.name = Cow::Owned(value.to_owned()),
             "otel.kind" => {
-                self.recorded.kind = match value.to_string().as_str() {
+                self.recorded.kind = match value {
                     "server" => SpanKind::Server,
                     "client" => SpanKind::Client,
                     "producer" => SpanKind::Producer,
@@ -151,45 +152,58 @@ impl FieldVisitor<'_> {
                 }
             }
             "otel.status_code" => {
-                self.recorded.status = match value.to_string().as_str() {
+                self.recorded.status = match value {
                     "ERROR" | "error" => Status::error(""),
                     "OK" | "ok" => Status::Ok,
                     _ => Status::Unset,
                 }
             }
             "trace_id" => {}
-            name if self.attributes => self
-                .recorded
+            _ => return false,
+        }
+        true
+    }
+
+    fn attribute(&mut self, field: &Field, value: impl Into<Value>) {
+        if self.attributes {
+            self.recorded
                 .attributes
-                .push(KeyValue::new(Key::from_static_str(name), value)),
-            _ => {}
+                .push(KeyValue::new(Key::from_static_str(field.name()), value));
         }
     }
 }
 
 impl Visit for FieldVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.set(field, value.to_owned());
+        if !self.special(field, value) {
+            self.attribute(field, value.to_owned());
+        }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.set(field, value);
+        self.attribute(field, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.set(field, i64::try_from(value).unwrap_or(i64::MAX));
+        self.attribute(field, i64::try_from(value).unwrap_or(i64::MAX));
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.set(field, value);
+        self.attribute(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.set(field, value);
+        self.attribute(field, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.set(field, format!("{value:?}"));
+        if field.name() == "trace_id" || (!self.attributes && !field.name().starts_with("otel.")) {
+            return;
+        }
+        let value = format!("{value:?}");
+        if !self.special(field, &value) {
+            self.attribute(field, value);
+        }
     }
 }
 

@@ -169,7 +169,10 @@ pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
     let Some(context) = current_context() else {
         return;
     };
-    if let Ok(value) = traceparent(&context).try_into() {
+    if let Ok(mut value) = tonic::metadata::MetadataValue::try_from(traceparent(&context)) {
+        // New on every call: kept out of HPACK's table, where it would only push out the
+        // headers that repeat.
+        value.set_sensitive(true);
         metadata.insert("traceparent", value);
     }
     let state = context.trace_state().header();
