@@ -115,7 +115,7 @@ struct Recorded {
     kind: SpanKind,
     status: Status,
     start: SystemTime,
-    /// Empty for a span that is not sampled: nobody will see them.
+    /// Empty for a span that is not sampled and has a parent: nobody will see them.
     attributes: Vec<KeyValue>,
 }
 
@@ -239,7 +239,8 @@ where
         let sampled = self
             .sampling
             .sampled(parent.as_ref(), trace_id, &recorded.name);
-        if !sampled {
+        // A first span keeps them: a caller's `traceparent` may still make it sampled.
+        if !sampled && parent.is_some() {
             recorded.attributes = Vec::new();
         }
         recorded.context = SpanContext::new(
@@ -447,6 +448,19 @@ mod tests {
             assert_eq!(child.parent_span_id, rpc.span_context.span_id());
             assert!(!child.parent_span_is_remote);
         }
+    }
+
+    #[test]
+    fn a_first_span_keeps_its_attributes_until_a_caller_decides() {
+        let spans = exported(Sampling::parent_based(Sampler::AlwaysOff), || {
+            let span = tracing::info_span!(target: "smartdb::rpc", "rpc", request_id = "r-2");
+            set_remote_parent(&span, &remote(true));
+        });
+        assert_eq!(spans.len(), 1, "the caller's decision wins");
+        assert_eq!(
+            spans[0].attributes,
+            vec![KeyValue::new("request_id", "r-2")]
+        );
     }
 
     #[test]
