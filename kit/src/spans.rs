@@ -119,16 +119,6 @@ struct Recorded {
     attributes: Vec<KeyValue>,
 }
 
-impl Recorded {
-    fn record(&mut self, record: impl FnOnce(&mut FieldVisitor<'_>)) {
-        let sampled = self.context.is_sampled();
-        record(&mut FieldVisitor {
-            recorded: self,
-            attributes: sampled,
-        });
-    }
-}
-
 /// Fields named `otel.name`, `otel.kind` and `otel.status_code` set the span's name, kind and
 /// status; the others become attributes, except `trace_id` (a span has its own; the field is
 /// there for log lines).
@@ -257,7 +247,11 @@ where
         if let Some(span) = ctx.span(id)
             && let Some(recorded) = span.extensions_mut().get_mut::<Recorded>()
         {
-            recorded.record(|visitor| values.record(visitor));
+            let attributes = recorded.context.is_sampled();
+            values.record(&mut FieldVisitor {
+                recorded,
+                attributes,
+            });
         }
     }
 
