@@ -267,6 +267,7 @@ async fn main() {
     )
     .unwrap();
     let mut texts = Vec::new();
+    let chunking = Instant::now();
     for (id, text) in &corpus {
         for chunk in chunker.split(text, ContentType::Plain, &[]) {
             texts.push(smartdb_ingest::worker::embedded_text(
@@ -275,6 +276,11 @@ async fn main() {
             ));
         }
     }
+
+    println!(
+        "chunking (ingest-svc's chunker, one thread): {:.2} ms per document",
+        chunking.elapsed().as_secs_f64() * 1000.0 / corpus.len().max(1) as f64
+    );
 
     // 1. Raw embed-svc: batches of 32, WORKERS callers.
     let raw_cpu_before = cpu_seconds(&cluster);

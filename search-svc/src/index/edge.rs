@@ -10,7 +10,8 @@
 //!
 //! Durability: qdrant-edge 0.7.1 appends each update to its WAL but never replays the WAL when a
 //! shard is loaded, so an update survives a crash only once its segments are flushed. Every write
-//! therefore calls `EdgeShard::flush` (which fsyncs) before it is acknowledged. The engine never
+//! is therefore flushed (`EdgeShard::flush`, which fsyncs) before it is acknowledged; writes that
+//! arrive together share one flush (group commit, see `Shard::write`). The engine never
 //! truncates its WAL either, so [`trim_wal`] does, whenever a shard is opened, and a collection
 //! whose WAL outgrew `Tuning::wal_reopen_bytes` is reopened after its next optimization run:
 //! without that the WAL kept every write ever made, on disk and in memory (455 MB of search-svc's
@@ -32,6 +33,7 @@ use std::io::{self, Write as _};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use qdrant_edge::external::ordered_float;
@@ -168,9 +170,16 @@ struct Shard {
     /// Serializes update+flush and optimization: `EdgeShard::flush` panics instead of waiting
     /// when another thread holds the shard's WAL or segment lock.
     writer: Mutex<()>,
+    /// Updates waiting for the writer lock; its next holder applies them all and flushes once.
+    queued: Mutex<Vec<Queued>>,
+    /// Flushes of updates so far (tests read it to see writes grouped).
+    flushes: AtomicUsize,
     writes_since_optimize: AtomicUsize,
     optimizing: AtomicBool,
 }
+
+/// An update waiting for [`Shard::write`]'s group commit, and where its outcome goes.
+type Queued = (UpdateOperation, mpsc::SyncSender<Result<()>>);
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct RegistryFile {
@@ -705,6 +714,8 @@ impl Shard {
             dimension,
             engine: RwLock::new(Some(engine)),
             writer: Mutex::new(()),
+            queued: Mutex::new(Vec::new()),
+            flushes: AtomicUsize::new(0),
             writes_since_optimize: AtomicUsize::new(0),
             optimizing: AtomicBool::new(false),
         }
@@ -717,15 +728,46 @@ impl Shard {
     }
 
     /// Applies an update and makes it durable.
+    ///
+    /// Group commit: a flush costs far more than an update (about 30 msyncs and 5 fsyncs, some
+    /// 15 ms on a virtual disk), and writes that arrive while one runs would each wait for it and
+    /// then flush again. Instead every write queues its update and takes the writer lock; the
+    /// holder applies everything queued so far and flushes once for all of them. A write whose
+    /// update an earlier holder committed finds its result waiting when it gets the lock.
     fn write(&self, id: &str, op: UpdateOperation) -> Result<()> {
+        let (done, result) = mpsc::sync_channel(1);
         self.read(id, |engine| {
+            lock(&self.queued).push((op, done));
             let _writer = lock(&self.writer);
-            engine
-                .update(op)
-                .map_err(|err| engine_error("update", id, err))?;
+            let batch = std::mem::take(&mut *lock(&self.queued));
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let applied: Vec<_> = batch
+                .into_iter()
+                .map(|(op, done)| {
+                    let outcome = engine
+                        .update(op)
+                        .map(|_| ())
+                        .map_err(|err| engine_error("update", id, err));
+                    (outcome, done)
+                })
+                .collect();
             // The WAL is not replayed on load, so only flushed segments count.
             engine.flush();
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            for (outcome, done) in applied {
+                // Capacity 1 and one send per channel: never blocks. The writer may be gone
+                // only if its thread panicked.
+                let _ = done.send(outcome);
+            }
             Ok(())
+        })?;
+        // Dropped unsent only if the committing thread panicked (in the engine) first.
+        result.recv().unwrap_or_else(|_| {
+            Err(Error::Internal(format!(
+                "collection {id}: the index engine failed while committing an update"
+            )))
         })
     }
 
@@ -1457,6 +1499,62 @@ mod tests {
         assert_eq!(hits[0].id, point_id("other", 3));
         assert!(hits.iter().all(|h| h.id != point_id("doc", 3)));
         drop(index);
+    }
+
+    /// Concurrent writes are committed in groups (fewer flushes than writes), and every one
+    /// acknowledged is durable, each with its own outcome.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_share_flushes_and_all_survive_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
+        let info = sample_info(8);
+        index.create_collection(info.clone()).await.unwrap();
+        let writers: Vec<_> = (0..32)
+            .map(|w| {
+                let (index, id) = (index.clone(), info.id.clone());
+                tokio::spawn(async move {
+                    let doc = format!("doc-{w}");
+                    index.upsert(&id, points(&doc, 0..3, 8)).await.unwrap();
+                    // Each writer's second write removes its first chunk again.
+                    index
+                        .delete_points(&id, vec![point_id(&doc, 0)])
+                        .await
+                        .unwrap();
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        // A wrong dimension is refused before queueing; the others' writes are unaffected.
+        assert!(
+            index
+                .upsert(&info.id, points("bad", 0..1, 4))
+                .await
+                .is_err()
+        );
+        let shard = index.inner.shard(&info.id).unwrap();
+        let flushes = shard.flushes.load(Ordering::Relaxed);
+        assert!(flushes < 64, "64 concurrent writes took {flushes} flushes");
+
+        let crashed = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), crashed.path());
+        drop(index);
+        let restarted = EdgeIndex::open(crashed.path(), analyzer()).unwrap();
+        assert_eq!(restarted.count(&info.id).await.unwrap(), 64);
+        for w in 0..32 {
+            let doc = format!("doc-{w}");
+            let ids = vec![point_id(&doc, 0), point_id(&doc, 1), point_id(&doc, 2)];
+            let found: Vec<Uuid> = restarted
+                .payloads(&info.id, ids)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            assert_eq!(found.len(), 2, "{doc}: {found:?}");
+            assert!(!found.contains(&point_id(&doc, 0)), "{doc}");
+        }
     }
 
     #[tokio::test]
