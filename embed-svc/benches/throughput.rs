@@ -194,7 +194,8 @@ async fn main() -> anyhow::Result<()> {
         texts.len()
     );
     println!(
-        "  smartdb local provider     {ours:8.1} passages/s   (precision auto: bf16 products where the CPU has them)"
+        "  smartdb local provider     {ours:8.1} passages/s   (precision auto, which kept {} on this CPU)",
+        if model.uses_bf16() { "bf16" } else { "f32" }
     );
     println!("  smartdb, f32 everywhere    {ours_f32:8.1} passages/s");
     println!(

@@ -37,6 +37,8 @@ pub(crate) struct Bert {
     position_and_type: Vec<f32>,
     embed_norm: Norm,
     layers: Vec<Layer>,
+    /// Whether the linear layers multiply in bf16.
+    bf16: bool,
 }
 
 struct Norm {
@@ -73,12 +75,38 @@ enum Weight {
 /// Arithmetic of the model's linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Precision {
-    /// bf16 products with f32 sums where the CPU has AVX-512 BF16 (about 1.6x faster; cosine to
-    /// the f32 result > 0.9999), else f32.
+    /// Where the CPU has AVX-512 BF16, both paths are timed on a sample batch when the model
+    /// loads and the faster is kept (bf16 only if clearly faster: f32 is exact); else f32.
     #[default]
     Auto,
+    /// bf16 products with f32 sums where the CPU has AVX-512 BF16 (cosine to the f32 result
+    /// above 0.9999), else f32. Faster on some such CPUs (1.5x on an AMD EPYC), slower on
+    /// others (0.7x on an Intel Xeon).
+    Bf16,
     /// f32 everywhere.
     F32,
+}
+
+/// Token sequences [`Precision::Auto`] times both paths on: 1,024 tokens, the size of the
+/// pieces documents run in while searches come in.
+fn timing_sample() -> Vec<Vec<u32>> {
+    (0..8u32)
+        .map(|s| {
+            let mut ids = vec![101];
+            ids.extend((0..126u32).map(|i| 1000 + (s * 131 + i * 7919) % 20000));
+            ids.push(102);
+            ids
+        })
+        .collect()
+}
+
+/// Rounds [`Precision::Auto`] times each path (after one untimed run each); the fastest round
+/// counts, so a busy moment on the machine does not decide.
+const TIMING_ROUNDS: usize = 3;
+
+/// Whether bf16 is worth keeping: it must beat f32 by 5 %, since f32 is exact.
+fn bf16_wins(bf16: std::time::Duration, f32: std::time::Duration) -> bool {
+    bf16.as_secs_f64() < f32.as_secs_f64() * 0.95
 }
 
 impl Bert {
@@ -111,6 +139,57 @@ impl Bert {
             .into_iter()
             .map(|(k, v)| (k.strip_prefix("bert.").map(str::to_string).unwrap_or(k), v))
             .collect();
+        match precision {
+            Precision::F32 => Self::build(&tensors, config, false),
+            Precision::Bf16 => Self::build(&tensors, config, bf16::supported()),
+            Precision::Auto if !bf16::supported() => Self::build(&tensors, config, false),
+            Precision::Auto => {
+                let fast = Self::build(&tensors, config, true)?;
+                let exact = Self::build(&tensors, config, false)?;
+                drop(tensors);
+                Self::faster(fast, exact)
+            }
+        }
+    }
+
+    /// Of the bf16 and f32 builds of one model, the one faster on this CPU now.
+    ///
+    /// AVX-512 BF16 does not make every CPU faster: bf16 took 0.7x the time of f32 on an AMD
+    /// EPYC and 1.4x on an Intel Xeon (both 2 cores), so the flag alone cannot decide.
+    fn faster(fast: Self, exact: Self) -> anyhow::Result<Self> {
+        let sample = timing_sample();
+        let refs: Vec<&[u32]> = sample.iter().map(Vec::as_slice).collect();
+        let mut best = [std::time::Duration::MAX; 2];
+        for round in 0..=TIMING_ROUNDS {
+            for (model, best) in [&fast, &exact].into_iter().zip(&mut best) {
+                let started = std::time::Instant::now();
+                model.embed(&refs)?;
+                if round > 0 {
+                    *best = (*best).min(started.elapsed());
+                }
+            }
+        }
+        let keep_bf16 = bf16_wins(best[0], best[1]);
+        tracing::info!(
+            bf16_ms = best[0].as_secs_f64() * 1000.0,
+            f32_ms = best[1].as_secs_f64() * 1000.0,
+            kept = if keep_bf16 { "bf16" } else { "f32" },
+            "timed the model's bf16 and f32 paths on 1,024 tokens"
+        );
+        Ok(if keep_bf16 { fast } else { exact })
+    }
+
+    /// Whether the linear layers multiply in bf16.
+    pub(crate) fn uses_bf16(&self) -> bool {
+        self.bf16
+    }
+
+    /// The model from parsed tensors, its linear layers in bf16 if `use_bf16`.
+    fn build(
+        tensors: &HashMap<String, Tensor>,
+        config: &Config,
+        use_bf16: bool,
+    ) -> anyhow::Result<Self> {
         let get = |name: &str, shape: &[usize]| -> anyhow::Result<Tensor> {
             let t = tensors
                 .get(name)
@@ -123,7 +202,6 @@ impl Bert {
         let flat =
             |t: Tensor| -> anyhow::Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let (h, inter) = (config.hidden_size, config.intermediate_size);
-        let use_bf16 = precision == Precision::Auto && bf16::supported();
         let norm = |prefix: &str| -> anyhow::Result<Norm> {
             Ok(Norm {
                 gamma: flat(get(&format!("{prefix}.weight"), &[h])?)?,
@@ -197,6 +275,7 @@ impl Bert {
             position_and_type,
             embed_norm: norm("embeddings.LayerNorm")?,
             layers,
+            bf16: use_bf16,
         })
     }
 
@@ -481,6 +560,18 @@ fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, norm: &Norm, eps: f3
 mod tests {
     use super::*;
 
+    /// The real model's weights file and parsed config.
+    fn model_files() -> (std::path::PathBuf, Config) {
+        let dir = crate::model::ensure_model(
+            &crate::model::default_models_dir(),
+            &crate::model::MINILM_L6_V2,
+        )
+        .unwrap();
+        let config: Config =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        (dir.join("model.safetensors"), config)
+    }
+
     /// The bf16 path against the f32 one on the real weights. Without AVX-512 BF16 both would
     /// be the f32 path, which proves nothing: ignored there, visibly (the reference-vector tests
     /// in `local` check the path that does run).
@@ -494,16 +585,10 @@ mod tests {
             super::super::bf16::supported(),
             "built for a CPU with AVX-512 BF16, running on one without"
         );
-        let dir = crate::model::ensure_model(
-            &crate::model::default_models_dir(),
-            &crate::model::MINILM_L6_V2,
-        )
-        .unwrap();
-        let config: Config =
-            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-        let weights = dir.join("model.safetensors");
-        let fast = Bert::load(&weights, &config, Precision::Auto).unwrap();
+        let (weights, config) = model_files();
+        let fast = Bert::load(&weights, &config, Precision::Bf16).unwrap();
         let exact = Bert::load(&weights, &config, Precision::F32).unwrap();
+        assert!(fast.uses_bf16() && !exact.uses_bf16());
         // Token ids of several lengths (1 to 256 tokens, one batch), framed by [CLS] and [SEP].
         let sequences: Vec<Vec<u32>> = [1usize, 9, 17, 64, 200, 254]
             .iter()
@@ -527,6 +612,38 @@ mod tests {
                 "cosine {cosine} between the bf16 and f32 paths"
             );
         }
+    }
+
+    /// `Auto` keeps one of the two real paths, whole: its embeddings are bit-identical to the
+    /// path it reports. Without AVX-512 BF16 that is always f32 (said in the output).
+    #[test]
+    fn auto_keeps_one_real_path() {
+        let (weights, config) = model_files();
+        let auto = Bert::load(&weights, &config, Precision::Auto).unwrap();
+        if !super::super::bf16::supported() {
+            eprintln!("this CPU has no AVX-512 BF16: Auto can only keep f32, checked as such");
+            assert!(!auto.uses_bf16());
+        }
+        let kept = if auto.uses_bf16() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
+        eprintln!("Auto kept {kept:?} on this CPU");
+        let same = Bert::load(&weights, &config, kept).unwrap();
+        let sample = timing_sample();
+        let refs: Vec<&[u32]> = sample.iter().map(Vec::as_slice).collect();
+        assert_eq!(auto.embed(&refs).unwrap(), same.embed(&refs).unwrap());
+    }
+
+    #[test]
+    fn bf16_is_kept_only_when_clearly_faster() {
+        let ms = std::time::Duration::from_millis;
+        assert!(bf16_wins(ms(60), ms(100)));
+        assert!(!bf16_wins(ms(140), ms(100)), "slower");
+        assert!(!bf16_wins(ms(97), ms(100)), "within noise: exact f32 wins");
+        let sample = timing_sample();
+        assert_eq!(sample.iter().map(Vec::len).sum::<usize>(), 1024);
     }
 
     #[test]

@@ -100,7 +100,13 @@ impl LocalModel {
         }));
         let tokenizer_json = tokenizer.to_string(false).map_err(|e| anyhow!(e))?;
 
-        tracing::info!(model = spec.id, dir = %dir.display(), max_tokens, "embedding model loaded");
+        tracing::info!(
+            model = spec.id,
+            dir = %dir.display(),
+            max_tokens,
+            linear_layers = if model.uses_bf16() { "bf16" } else { "f32" },
+            "embedding model loaded"
+        );
         Ok(Self {
             id: spec.id.to_string(),
             model,
@@ -111,6 +117,11 @@ impl LocalModel {
             dimension: spec.dimension,
             max_tokens,
         })
+    }
+
+    /// Whether the linear layers multiply in bf16 (see [`Precision`]).
+    pub fn uses_bf16(&self) -> bool {
+        self.model.uses_bf16()
     }
 
     /// Embeds `texts` (any lengths, any count), returning results in input order.
