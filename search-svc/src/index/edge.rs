@@ -730,8 +730,8 @@ impl Shard {
     /// Applies an update and makes it durable.
     ///
     /// Group commit: a flush costs far more than an update (about 30 msyncs and 5 fsyncs, some
-    /// 15 ms on a virtual disk), and writes that arrive while one runs would each wait for it and
-    /// then flush again. Instead every write queues its update and takes the writer lock; the
+    /// 15 ms under strace on a virtual disk), and writes that arrive while one runs would each
+    /// wait for it and then flush again. Instead every write queues its update and takes the writer lock; the
     /// holder applies everything queued so far and flushes once for all of them. A write whose
     /// update an earlier holder committed finds its result waiting when it gets the lock.
     fn write(&self, id: &str, op: UpdateOperation) -> Result<()> {
