@@ -170,9 +170,10 @@ impl Bert {
             }
         }
         let keep_bf16 = bf16_wins(best[0], best[1]);
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
         tracing::info!(
-            bf16_ms = best[0].as_secs_f64() * 1000.0,
-            f32_ms = best[1].as_secs_f64() * 1000.0,
+            bf16_ms = ms(best[0]),
+            f32_ms = ms(best[1]),
             kept = if keep_bf16 { "bf16" } else { "f32" },
             "timed the model's bf16 and f32 paths on 1,024 tokens"
         );
