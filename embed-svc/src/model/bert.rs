@@ -37,8 +37,6 @@ pub(crate) struct Bert {
     position_and_type: Vec<f32>,
     embed_norm: Norm,
     layers: Vec<Layer>,
-    /// Whether the linear layers multiply in bf16.
-    bf16: bool,
 }
 
 struct Norm {
@@ -180,9 +178,11 @@ impl Bert {
         Ok(if keep_bf16 { fast } else { exact })
     }
 
-    /// Whether the linear layers multiply in bf16.
+    /// Whether the linear layers multiply in bf16 (as their packed weights say).
     pub(crate) fn uses_bf16(&self) -> bool {
-        self.bf16
+        self.layers
+            .iter()
+            .any(|l| matches!(l.qkv.weight, Weight::Bf16(_)))
     }
 
     /// The model from parsed tensors, its linear layers in bf16 if `use_bf16`.
@@ -276,7 +276,6 @@ impl Bert {
             position_and_type,
             embed_norm: norm("embeddings.LayerNorm")?,
             layers,
-            bf16: use_bf16,
         })
     }
 
