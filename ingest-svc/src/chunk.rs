@@ -41,6 +41,8 @@ pub struct Chunker {
     max_bytes: usize,
     /// Measure every piece on its own (see [`Chunker::measuring_each_piece`]).
     exact: bool,
+    /// Tokenizes ASCII words without the tokenizer's pipeline, for BERT-style tokenizers.
+    ascii: Option<AsciiWords>,
 }
 
 impl Chunker {
@@ -62,6 +64,7 @@ impl Chunker {
                 max_tokens,
                 max_bytes,
                 exact: false,
+                ascii: None,
             });
         }
         let mut tokenizer: Tokenizer = tokenizer_json
@@ -73,6 +76,7 @@ impl Chunker {
             .map_err(|e| Error::Internal(format!("tokenizer: {e}")))?;
         tokenizer.with_padding(None);
         Ok(Self {
+            ascii: AsciiWords::new(&tokenizer),
             tokenizer: Some(tokenizer),
             max_tokens,
             max_bytes,
@@ -95,10 +99,12 @@ impl Chunker {
         );
         let config = ChunkConfig::new(self.max_tokens).with_trim(true);
         let pieces: Vec<(usize, &str)> = match &self.tokenizer {
-            Some(tokenizer) => match (!self.exact).then(|| WordTokens::new(tokenizer, text)) {
-                Some(Some(sizer)) => pieces(config.with_sizer(sizer), markdown, text),
-                _ => pieces(config.with_sizer(tokenizer), markdown, text),
-            },
+            Some(tokenizer) => {
+                match (!self.exact).then(|| WordTokens::new(tokenizer, self.ascii.as_ref(), text)) {
+                    Some(Some(sizer)) => pieces(config.with_sizer(sizer), markdown, text),
+                    _ => pieces(config.with_sizer(tokenizer), markdown, text),
+                }
+            }
             None => {
                 let config =
                     ChunkConfig::new(self.max_tokens.min(self.max_chars())).with_trim(true);
@@ -177,16 +183,11 @@ impl<'a> WordTokens<'a> {
     /// None where the shortcut would not be exact: another kind of tokenizer, or a text holding
     /// one of its added tokens (`[SEP]`...), which split the text before words do (added tokens
     /// matched after normalization could hide in any text: their tokenizers are not served).
-    fn new(tokenizer: &'a Tokenizer, text: &'a str) -> Option<Self> {
-        use tokenizers::{ModelWrapper, NormalizerWrapper, PreTokenizerWrapper};
-        let bert_style = matches!(
-            tokenizer.get_normalizer(),
-            None | Some(NormalizerWrapper::BertNormalizer(_))
-        ) && matches!(
-            tokenizer.get_pre_tokenizer(),
-            Some(PreTokenizerWrapper::BertPreTokenizer(_))
-        ) && matches!(tokenizer.get_model(), ModelWrapper::WordPiece(_));
-        if !bert_style || u32::try_from(text.len()).is_err() {
+    ///
+    /// With `ascii` (built for this tokenizer), words of ASCII letters are tokenized by it and
+    /// the tokenizer's whole pipeline runs only on what is left.
+    fn new(tokenizer: &'a Tokenizer, ascii: Option<&AsciiWords>, text: &'a str) -> Option<Self> {
+        if !bert_style(tokenizer) || u32::try_from(text.len()).is_err() {
             return None;
         }
         if tokenizer
@@ -196,25 +197,23 @@ impl<'a> WordTokens<'a> {
         {
             return None;
         }
-        let mut token_starts = Vec::with_capacity(text.len() / 4);
-        let mut words: Vec<(u32, u32)> = Vec::with_capacity(text.len() / 6);
+        let mut found = Found {
+            token_starts: Vec::with_capacity(text.len() / 4),
+            words: Vec::with_capacity(text.len() / 6),
+        };
         let mut start = 0;
         while start < text.len() {
             let end = part_end(text, start);
-            let encoding = tokenizer.encode(&text[start..end], false).ok()?;
-            let mut last_word = None;
-            for (word, &(from, to)) in encoding.get_word_ids().iter().zip(encoding.get_offsets()) {
-                let word = (*word)?;
-                let (from, to) = ((start + from) as u32, (start + to) as u32);
-                token_starts.push(from);
-                match words.last_mut() {
-                    Some(span) if last_word == Some(word) => span.1 = span.1.max(to),
-                    _ => words.push((from, to)),
-                }
-                last_word = Some(word);
+            match ascii {
+                Some(ascii) => ascii.tokenize(tokenizer, text, start..end, &mut found)?,
+                None => found.encode(tokenizer, text, start..end)?,
             }
             start = end;
         }
+        let Found {
+            token_starts,
+            words,
+        } = found;
         Some(Self {
             tokenizer,
             text,
@@ -227,6 +226,181 @@ impl<'a> WordTokens<'a> {
     fn inside_word(&self, at: u32) -> bool {
         let i = self.words.partition_point(|&(from, _)| from < at);
         i > 0 && self.words[i - 1].1 > at
+    }
+}
+
+/// Whether `tokenizer` is BERT-style (BERT normalizer or none, BERT pre-tokenizer, WordPiece):
+/// the kind whose words are tokenized each on its own.
+fn bert_style(tokenizer: &Tokenizer) -> bool {
+    use tokenizers::{ModelWrapper, NormalizerWrapper, PreTokenizerWrapper};
+    matches!(
+        tokenizer.get_normalizer(),
+        None | Some(NormalizerWrapper::BertNormalizer(_))
+    ) && matches!(
+        tokenizer.get_pre_tokenizer(),
+        Some(PreTokenizerWrapper::BertPreTokenizer(_))
+    ) && matches!(tokenizer.get_model(), ModelWrapper::WordPiece(_))
+}
+
+/// Tokens and words of a text, found part by part.
+struct Found {
+    /// Byte offset in the text where each token starts, in order.
+    token_starts: Vec<u32>,
+    /// Byte span in the text of each word, in order.
+    words: Vec<(u32, u32)>,
+}
+
+impl Found {
+    /// Adds the tokens and words of `text[range]` as the tokenizer's whole pipeline finds them.
+    /// `range` must start and end at whitespace (or the text's ends).
+    fn encode(
+        &mut self,
+        tokenizer: &Tokenizer,
+        text: &str,
+        range: std::ops::Range<usize>,
+    ) -> Option<()> {
+        let start = range.start;
+        let encoding = tokenizer.encode(&text[range], false).ok()?;
+        let mut last_word = None;
+        for (word, &(from, to)) in encoding.get_word_ids().iter().zip(encoding.get_offsets()) {
+            let word = (*word)?;
+            let (from, to) = ((start + from) as u32, (start + to) as u32);
+            self.token_starts.push(from);
+            match self.words.last_mut() {
+                Some(span) if last_word == Some(word) => span.1 = span.1.max(to),
+                _ => self.words.push((from, to)),
+            }
+            last_word = Some(word);
+        }
+        Some(())
+    }
+}
+
+/// Most words [`AsciiWords`] remembers; past it, it starts over.
+const ASCII_WORDS_CACHED: usize = 50_000;
+/// Longest word [`AsciiWords`] remembers, in bytes.
+const ASCII_WORD_CACHED_BYTES: usize = 32;
+
+/// Tokenizes words of printable ASCII for a BERT-style tokenizer without running its pipeline.
+///
+/// Our own because the `tokenizers` pipeline was most of the chunker's cost (about 1.5 µs a
+/// token, a quarter of ingest-svc's CPU): it tracks every character's alignment through
+/// normalization. On printable ASCII, BERT's pipeline comes down to this: the normalizer only
+/// lower-cases (if set to), the pre-tokenizer splits at whitespace and makes each ASCII
+/// punctuation character a word of its own, and the WordPiece model (the tokenizer's own, run
+/// here) tokenizes each word. A word's tokens depend on the word alone, so they are remembered.
+/// Anything else (a run of text holding non-ASCII or control characters) goes through the
+/// whole pipeline; tests check both agree.
+struct AsciiWords {
+    lowercase: bool,
+    /// Token starts within each word seen, by word (lower-cased if the normalizer does).
+    cache: std::sync::Mutex<std::collections::HashMap<Box<str>, Box<[u32]>>>,
+}
+
+impl AsciiWords {
+    /// For BERT-style tokenizers only.
+    fn new(tokenizer: &Tokenizer) -> Option<Self> {
+        use tokenizers::NormalizerWrapper;
+        if !bert_style(tokenizer) {
+            return None;
+        }
+        let lowercase = match tokenizer.get_normalizer() {
+            Some(NormalizerWrapper::BertNormalizer(bert)) => bert.lowercase,
+            _ => false,
+        };
+        Some(Self {
+            lowercase,
+            cache: Default::default(),
+        })
+    }
+
+    /// Adds the tokens and words of `text[range]` to `found`; `range` must start and end at
+    /// whitespace (or the text's ends). None if the tokenizer fails.
+    fn tokenize(
+        &self,
+        tokenizer: &Tokenizer,
+        text: &str,
+        range: std::ops::Range<usize>,
+        found: &mut Found,
+    ) -> Option<()> {
+        let tokenizers::ModelWrapper::WordPiece(wordpiece) = tokenizer.get_model() else {
+            return None;
+        };
+        let bytes = text.as_bytes();
+        // ASCII whitespace bytes never occur inside a multi-byte character, so every segment
+        // between them starts and ends at a character boundary.
+        let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+        let mut word = String::new();
+        // Where a run of segments left to the whole pipeline starts.
+        let mut other_from = None;
+        let mut i = range.start;
+        while i < range.end {
+            if space(bytes[i]) {
+                i += 1;
+                continue;
+            }
+            let from = i;
+            while i < range.end && !space(bytes[i]) {
+                i += 1;
+            }
+            if !bytes[from..i].iter().all(|&b| (0x20..0x7f).contains(&b)) {
+                other_from.get_or_insert(from);
+                continue;
+            }
+            if let Some(other) = other_from.take() {
+                found.encode(tokenizer, text, other..from)?;
+            }
+            // Words: runs of letters and digits, and each punctuation character alone.
+            let mut at = from;
+            while at < i {
+                let end = match bytes[at].is_ascii_punctuation() {
+                    true => at + 1,
+                    false => {
+                        let run = bytes[at..i].iter().position(u8::is_ascii_punctuation);
+                        run.map_or(i, |n| at + n)
+                    }
+                };
+                word.clear();
+                word.push_str(&text[at..end]);
+                if self.lowercase {
+                    word.make_ascii_lowercase();
+                }
+                self.word_tokens(wordpiece, &word, |start| {
+                    found.token_starts.push((at + start as usize) as u32)
+                })?;
+                found.words.push((at as u32, end as u32));
+                at = end;
+            }
+        }
+        if let Some(other) = other_from {
+            found.encode(tokenizer, text, other..range.end)?;
+        }
+        Some(())
+    }
+
+    /// Calls `each` with the start (within `word`) of each of `word`'s tokens.
+    fn word_tokens(
+        &self,
+        wordpiece: &tokenizers::models::wordpiece::WordPiece,
+        word: &str,
+        mut each: impl FnMut(u32),
+    ) -> Option<()> {
+        use tokenizers::Model;
+        if let Some(starts) = self.cache.lock().ok()?.get(word) {
+            starts.iter().copied().for_each(each);
+            return Some(());
+        }
+        let tokens = wordpiece.tokenize(word).ok()?;
+        let starts: Box<[u32]> = tokens.iter().map(|t| t.offsets.0 as u32).collect();
+        starts.iter().copied().for_each(&mut each);
+        if word.len() <= ASCII_WORD_CACHED_BYTES {
+            let mut cache = self.cache.lock().ok()?;
+            if cache.len() >= ASCII_WORDS_CACHED {
+                cache.clear();
+            }
+            cache.insert(word.into(), starts);
+        }
+        Some(())
     }
 }
 
@@ -541,6 +715,12 @@ Last words.
             "—",
             "Ωmega",
             "tab\there",
+            "vertical\u{b}tab",
+            "del\u{7f}ete",
+            "x\u{1}Y",
+            "MiXeD-Case_words",
+            "$5+3=8;",
+            "a~b|c^d`e",
         ];
         let mut out = String::new();
         for i in 0..words {
@@ -568,7 +748,7 @@ Last words.
                 let text = varied_text(seed, 400);
                 let tokenizer = fast.tokenizer.as_ref().unwrap();
                 assert!(
-                    WordTokens::new(tokenizer, &text).is_some(),
+                    WordTokens::new(tokenizer, fast.ascii.as_ref(), &text).is_some(),
                     "shortcut not taken"
                 );
                 for kind in [ContentType::Plain, ContentType::Markdown] {
@@ -595,9 +775,9 @@ Last words.
         let mut text = varied_text(7, 14_000);
         text.insert_str(TOKENIZE_BYTES - 500, &"q".repeat(40_000));
         assert!(text.len() > 2 * TOKENIZE_BYTES);
-        let sizer = WordTokens::new(fast.tokenizer.as_ref().unwrap(), &text).unwrap();
-        // Sizes of arbitrary slices, words cut or not, match a tokenization of the slice.
         let tokenizer = fast.tokenizer.as_ref().unwrap();
+        let sizer = WordTokens::new(tokenizer, fast.ascii.as_ref(), &text).unwrap();
+        // Sizes of arbitrary slices, words cut or not, match a tokenization of the slice.
         let bounds: Vec<usize> = (0..text.len())
             .step_by(997)
             .filter(|&i| text.is_char_boundary(i))
@@ -613,11 +793,44 @@ Last words.
         // An added token in the text splits it before words do: the text is measured piece
         // by piece.
         let marked = format!("{} [SEP] {}", varied_text(1, 50), varied_text(2, 50));
-        assert!(WordTokens::new(tokenizer, &marked).is_none());
+        assert!(WordTokens::new(tokenizer, fast.ascii.as_ref(), &marked).is_none());
         assert_eq!(
             fast.split(&marked, ContentType::Plain, &[]),
             exact.split(&marked, ContentType::Plain, &[])
         );
+    }
+
+    /// The ASCII shortcut finds exactly the tokens and words of the whole pipeline, on text
+    /// that switches between ASCII and other characters within words, between words and across
+    /// tokenizing parts, for tokenizers that lower-case and for ones that do not.
+    #[test]
+    fn ascii_words_match_the_whole_pipeline() {
+        for lowercase in [true, false] {
+            let json = wordpiece_json()
+                .replace("\"lowercase\":true", &format!("\"lowercase\":{lowercase}"));
+            let chunker = Chunker::from_json(&json, 136, 32 * 1024).unwrap();
+            let (tokenizer, ascii) = (chunker.tokenizer.as_ref().unwrap(), chunker.ascii.as_ref());
+            assert_eq!(ascii.unwrap().lowercase, lowercase);
+            let mut texts: Vec<String> = (0..8).map(|seed| varied_text(seed, 600)).collect();
+            texts.push(varied_text(99, 30_000)); // several tokenizing parts
+            texts.push("plain ascii only, (with) punctuation: \"and\" CAPS.".into());
+            texts.push("ünïcödé only ワード 検索".into());
+            texts.push(String::new());
+            for text in &texts {
+                let fast = WordTokens::new(tokenizer, ascii, text).unwrap();
+                let whole = WordTokens::new(tokenizer, None, text).unwrap();
+                assert_eq!(
+                    fast.token_starts, whole.token_starts,
+                    "lowercase {lowercase}"
+                );
+                assert_eq!(fast.words, whole.words, "lowercase {lowercase}");
+            }
+            // Twice: the second time from what it remembers.
+            let again = WordTokens::new(tokenizer, ascii, &texts[0]).unwrap();
+            let whole = WordTokens::new(tokenizer, None, &texts[0]).unwrap();
+            assert_eq!(again.token_starts, whole.token_starts);
+            assert!(!ascii.unwrap().cache.lock().unwrap().is_empty());
+        }
     }
 
     #[test]

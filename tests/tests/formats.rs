@@ -279,9 +279,9 @@ async fn real_documents_are_found_and_broken_ones_refused_by_name() {
 }
 
 /// ingest-svc sizes a text's candidate chunks from one tokenization of the whole text instead of
-/// tokenizing every candidate (`smartdb_ingest::chunk`): with the model's real tokenizer, SciFact
-/// abstracts, split as text and as Markdown, get exactly the chunks that measuring every
-/// candidate gives.
+/// tokenizing every candidate, and tokenizes ASCII words itself (`smartdb_ingest::chunk`): with
+/// the model's real tokenizer, SciFact abstracts, split as text and as Markdown, at the model's
+/// budget and a small one, get exactly the chunks that measuring every candidate gives.
 #[test]
 fn chunks_from_one_tokenization_are_the_chunks_measured_piece_by_piece() {
     use smartdb_embed::model::{MINILM_L6_V2, default_models_dir, ensure_model};
@@ -303,6 +303,20 @@ fn chunks_from_one_tokenization_are_the_chunks_measured_piece_by_piece() {
         chunks += split.len();
     }
     assert!(chunks > 400, "{chunks} chunks: most abstracts need two");
+    // A small budget makes many more cuts, each a count to get right (words of ASCII letters
+    // are counted without the tokenizer's pipeline, the rest with it).
+    let small = Chunker::from_json(&json, 40, bytes).unwrap();
+    let small_exact = Chunker::from_json(&json, 40, bytes)
+        .unwrap()
+        .measuring_each_piece();
+    for (id, text) in corpus.iter().skip(1000).take(200) {
+        let split = small.split(text, ContentType::Plain, &[]);
+        assert_eq!(
+            split,
+            small_exact.split(text, ContentType::Plain, &[]),
+            "{id}"
+        );
+    }
     let long: String = corpus[300..340]
         .iter()
         .map(|(id, text)| format!("## Abstract {id}\n\n{text}\n\n"))
