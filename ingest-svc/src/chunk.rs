@@ -184,8 +184,8 @@ impl<'a> WordTokens<'a> {
     /// one of its added tokens (`[SEP]`...), which split the text before words do (added tokens
     /// matched after normalization could hide in any text: their tokenizers are not served).
     ///
-    /// With `ascii` (built for this tokenizer), words of ASCII letters are tokenized by it and
-    /// the tokenizer's whole pipeline runs only on what is left.
+    /// With `ascii` (built for this tokenizer), words of printable ASCII are tokenized by it
+    /// and the tokenizer's whole pipeline runs only on what is left.
     fn new(tokenizer: &'a Tokenizer, ascii: Option<&AsciiWords>, text: &'a str) -> Option<Self> {
         if !bert_style(tokenizer) || u32::try_from(text.len()).is_err() {
             return None;

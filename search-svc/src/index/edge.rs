@@ -825,9 +825,10 @@ impl Shard {
     }
 }
 
-/// How long a commit waits for more writes to join it while writers are concurrent: a few
-/// more writes share one flush (at ingest-svc's pace of about 30 writes a second, a flush
-/// took 1.3 writes on average without it).
+/// How long a commit waits for more writes to join it while writers are concurrent, so that
+/// more of them share one flush. ingest-svc's workers write about 30 times a second, and few of
+/// those writes arrived while a flush ran; with the wait, search-svc's CPU per indexed chunk
+/// fell by a third (ingest bench).
 const COMMIT_LINGER: Duration = Duration::from_millis(10);
 
 /// Whether a write starting at `now` lingers before committing, given when a write last started
