@@ -44,19 +44,9 @@ async fn embed_counter(cluster: &Cluster, name: &str) -> f64 {
         .sum()
 }
 
-/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
+/// CPU seconds (user + system) a process has used; `pid` may be `self`.
 fn process_cpu(pid: &str, ticks: f64) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (field(11) + field(12)) / ticks
+    common::bench::cpu_ticks(pid) as f64 / ticks
 }
 
 /// CPU seconds the whole machine has been busy (user, nice, system, irq, softirq), from

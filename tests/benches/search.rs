@@ -185,30 +185,15 @@ fn print_mapped_files(pid: u32, under: &std::path::Path) {
     }
 }
 
-/// CPU time a process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let get = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
-    get(11) + get(12)
-}
-
 /// Waits until search-svc's background work (segment merging, HNSW builds) is done: its CPU
 /// time stops growing for a few seconds.
 async fn wait_idle(pid: u32) {
     let started = Instant::now();
-    let mut last = cpu_ticks(pid);
+    let mut last = common::bench::cpu_ticks(&pid.to_string());
     let mut quiet = 0;
     while quiet < 4 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = cpu_ticks(pid);
+        let now = common::bench::cpu_ticks(&pid.to_string());
         if now - last <= 2 {
             quiet += 1;
         } else {
