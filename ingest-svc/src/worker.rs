@@ -53,6 +53,10 @@ const MAX_OUTAGE_BACKOFF: Duration = Duration::from_secs(30);
 /// Wait before retrying a job that failed for another reason.
 const RETRY_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Plain text and Markdown originals up to this size are extracted and chunked on the runtime's
+/// own thread (about 0.1 ms of work for the largest; see `run_index`).
+const INLINE_PARSE_BYTES: u64 = 4096;
+
 /// Runs one worker until `stop` turns true.
 pub async fn run(catalog: Arc<Catalog>, id: usize, mut stop: watch::Receiver<bool>) {
     tracing::debug!(worker = id, "indexing worker started");
@@ -293,27 +297,40 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     }
     let bytes = catalog.blobs.get(&doc.id).await?;
     let content_type = ContentType::parse(&doc.content_type).unwrap_or(ContentType::Plain);
-    let limits = catalog.limits().clone();
-    let extracted =
-        tokio::task::spawn_blocking(move || extract::extract(content_type, &bytes, &limits))
-            .instrument(stage("parse"))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
-    let (text, split_as, page_starts) = (extracted.text, extracted.split_as, extracted.page_starts);
-    if let Some(marker) = &catalog.jobs.crash_marker
-        && text.contains(marker.as_str())
-    {
-        tracing::error!(document = %doc.id, "fault injection: this document crashes its worker");
-        std::process::abort();
-    }
     let chunker = catalog
         .downstream
         .chunker(&ctx, &kb.embedding_model)
         .await?;
-    let chunks = tokio::task::spawn_blocking(move || chunker.split(&text, split_as, &page_starts))
-        .instrument(stage("chunk"))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let (limits, crash_marker) = (catalog.limits().clone(), catalog.jobs.crash_marker.clone());
+    let (job_span, doc_id) = (tracing::Span::current(), doc.id.clone());
+    let parse_and_chunk = move || -> Result<Vec<Chunk>> {
+        let _job = job_span.enter();
+        let extracted =
+            stage("parse").in_scope(|| extract::extract(content_type, &bytes, &limits))?;
+        if let Some(marker) = &crash_marker
+            && extracted.text.contains(marker.as_str())
+        {
+            tracing::error!(document = %doc_id, "fault injection: this document crashes its worker");
+            std::process::abort();
+        }
+        Ok(stage("chunk").in_scope(|| {
+            chunker.split(&extracted.text, extracted.split_as, &extracted.page_starts)
+        }))
+    };
+    // A small text document takes well under a millisecond to extract and chunk: less than
+    // handing it to the blocking pool and back (two thread wake-ups, which were a large part of
+    // ingest-svc's CPU per document). Anything larger, and every PDF or DOCX, goes to the pool.
+    let inline = doc.size_bytes <= INLINE_PARSE_BYTES
+        && matches!(content_type, ContentType::Plain | ContentType::Markdown);
+    let chunks = if inline {
+        // A panic must fail this job, as it would on the pool, not take the worker with it.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse_and_chunk))
+            .map_err(|_| Error::Internal("parsing the document panicked".into()))??
+    } else {
+        tokio::task::spawn_blocking(parse_and_chunk)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
+    };
     if chunks.is_empty() {
         return Err(Error::invalid("data", "the document has no text to index"));
     }

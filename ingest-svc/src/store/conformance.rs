@@ -28,6 +28,7 @@ pub async fn run(open: Open<'_>) {
         same_bytes_deduplicate_and_failed_ones_requeue,
         identical_bytes_uploaded_during_a_delete_become_a_new_document,
         leases_exclude_other_workers_until_they_expire,
+        jobs_are_claimed_oldest_first_past_leased_and_waiting_ones,
         a_job_whose_claims_keep_expiring_is_given_up_with_its_last_step,
         outages_and_shutdowns_give_the_attempt_back,
         failed_documents_can_be_retried_without_a_new_upload,
@@ -260,6 +261,42 @@ async fn leases_exclude_other_workers_until_they_expire(open: Open<'_>, name: &s
     assert!(store.renew_lease(&again, 1000).await.unwrap());
     store.complete_job(&again).await.unwrap();
     assert_eq!(store.next_job_in().await.unwrap(), None);
+}
+
+async fn jobs_are_claimed_oldest_first_past_leased_and_waiting_ones(open: Open<'_>, name: &str) {
+    let store = open(name.into()).await;
+    let store = store.as_ref();
+    let k = kb("a");
+    insert_kb(store, &k).await;
+    let mut docs = Vec::new();
+    for sha in ["1", "2", "3", "4"] {
+        let d = doc(&k.id, sha);
+        insert(store, &d).await;
+        docs.push(d.id);
+        // Distinct creation times, so "oldest" is well defined.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let first = claim(store, LONG).await.unwrap();
+    assert_eq!(first.document_id, docs[0]);
+    let second = claim(store, LONG).await.unwrap();
+    assert_eq!(
+        second.document_id, docs[1],
+        "the leased head was not skipped"
+    );
+    store
+        .release_job(&second, 60_000, Release::Keep)
+        .await
+        .unwrap();
+    let third = claim(store, LONG).await.unwrap();
+    assert_eq!(third.document_id, docs[2], "a job backing off was claimed");
+    assert_eq!(claim(store, LONG).await.unwrap().document_id, docs[3]);
+    assert!(claim(store, LONG).await.is_none());
+    // The first job's worker dies: its job is again the oldest runnable one.
+    store
+        .release_job(&first, 0, Release::GiveBack { outage: false })
+        .await
+        .unwrap();
+    assert_eq!(claim(store, LONG).await.unwrap().document_id, docs[0]);
 }
 
 async fn a_job_whose_claims_keep_expiring_is_given_up_with_its_last_step(

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -134,6 +134,13 @@ CREATE TABLE source_locks (
 );
 ";
 
+/// Version 7: jobs are also indexed by age, so a claim finds the oldest runnable job by walking
+/// the queue from its head instead of sorting every runnable job (about 0.2 ms per claim with
+/// a thousand queued; a claim is made per document).
+const SCHEMA_V7: &str = "
+CREATE INDEX jobs_queue ON jobs (create_time);
+";
+
 /// The catalog's migrations, oldest first; the database's `user_version` says how many ran.
 /// Append, never edit: a released database has run the ones before.
 pub fn migrations() -> rusqlite_migration::Migrations<'static> {
@@ -145,6 +152,7 @@ pub fn migrations() -> rusqlite_migration::Migrations<'static> {
         M::up(SCHEMA_V4),
         M::up(SCHEMA_V5),
         M::up(SCHEMA_V6),
+        M::up(SCHEMA_V7),
     ])
 }
 
@@ -172,12 +180,20 @@ impl Cached for Connection {
     }
 }
 
+/// Writes between two checkpoints of the write-ahead log. SQLite's own automatic checkpoint is
+/// off, since it would run inside whichever commit crosses its threshold, possibly one made on
+/// the runtime's thread (see `SqliteStore::call_progress`); this one runs on the blocking pool.
+/// A job's step writes a few pages, so the log stays near SQLite's default of 1,000 pages.
+const CHECKPOINT_EVERY: u32 = 256;
+
 /// The catalog in one SQLite file.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// Whether the connection is at `synchronous = FULL` (else NORMAL).
     synced: Arc<AtomicBool>,
+    /// Writes since the last checkpoint.
+    writes: Arc<AtomicU32>,
 }
 
 impl SqliteStore {
@@ -188,6 +204,7 @@ impl SqliteStore {
         // FULL: a commit is on disk before we acknowledge an upload.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         // Foreign keys are off while migrating: rebuilding a table must not cascade deletes.
         // (The bundled SQLite turns them on by default.)
         conn.pragma_update(None, "foreign_keys", "OFF")?;
@@ -202,6 +219,7 @@ impl SqliteStore {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             synced: Arc::new(AtomicBool::new(true)),
+            writes: Arc::new(AtomicU32::new(0)),
         })
     }
 
@@ -220,11 +238,25 @@ impl SqliteStore {
     /// but may be lost with the machine (`synchronous = NORMAL`, WAL mode), and the job then
     /// runs again from its last synced state, which jobs are made to do. It saves a document
     /// four or five fsyncs on its way to INDEXED. The next synced commit syncs these too.
+    ///
+    /// Such a commit only appends a few pages to the log in the page cache (no fsync, and no
+    /// checkpoint: see [`CHECKPOINT_EVERY`]), so like a lookup it runs on the caller's thread
+    /// when the connection is free, sparing a document about six hand-offs to the blocking pool
+    /// and back. When the connection is busy, or a checkpoint is due, it goes to the pool.
+    /// (Nothing else may write to the catalog file meanwhile: another process holding its write
+    /// lock would make this wait on the runtime for up to the busy timeout.)
     async fn call_progress<R, F>(&self, f: F) -> Result<R>
     where
         F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
+        if self.writes.load(Ordering::Relaxed) < CHECKPOINT_EVERY
+            && let Ok(mut conn) = self.conn.try_lock()
+        {
+            set_synced(&conn, &self.synced, false)?;
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            return f(&mut conn);
+        }
         self.call_synced(Some(false), f).await
     }
 
@@ -251,24 +283,41 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        let (conn, state) = (self.conn.clone(), self.synced.clone());
+        let (conn, state, writes) = (self.conn.clone(), self.synced.clone(), self.writes.clone());
         tokio::task::spawn_blocking(move || {
             let mut guard = conn
                 .lock()
                 .map_err(|_| Error::Internal("catalog lock poisoned".into()))?;
-            // Only changed under the connection's lock, so it tells the connection's setting.
-            if let Some(synced) = synced
-                && state.load(Ordering::Relaxed) != synced
-            {
-                let level = if synced { "FULL" } else { "NORMAL" };
-                guard.pragma_update(None, "synchronous", level)?;
-                state.store(synced, Ordering::Relaxed);
+            let Some(synced) = synced else {
+                return f(&mut guard);
+            };
+            set_synced(&guard, &state, synced)?;
+            let result = f(&mut guard);
+            if writes.fetch_add(1, Ordering::Relaxed) + 1 >= CHECKPOINT_EVERY {
+                // PASSIVE: this is the only connection, so nothing keeps it from finishing. A
+                // failed checkpoint loses nothing (the log still holds every commit); the next
+                // write tries again.
+                match guard.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    Ok(()) => writes.store(0, Ordering::Relaxed),
+                    Err(err) => tracing::warn!(error = %err, "cannot checkpoint the catalog's log"),
+                }
             }
-            f(&mut guard)
+            result
         })
         .await
         .map_err(|e| Error::Internal(format!("catalog task failed: {e}")))?
     }
+}
+
+/// Puts the connection at `synchronous = FULL` (`synced`) or NORMAL, if it is not there yet.
+/// Only called under the connection's lock, so `state` tells the connection's setting.
+fn set_synced(conn: &Connection, state: &AtomicBool, synced: bool) -> Result<()> {
+    if state.load(Ordering::Relaxed) != synced {
+        let level = if synced { "FULL" } else { "NORMAL" };
+        conn.pragma_update(None, "synchronous", level)?;
+        state.store(synced, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -967,8 +1016,9 @@ fn claim_job(
                 .optional()?,
             None => tx
                 .row(
-                    "SELECT document_id, kind, attempts FROM jobs WHERE lease_until <= ?1 AND not_before <= ?1
-                     ORDER BY create_time LIMIT 1",
+                    // Without statistics the planner would pick `jobs_ready` and sort.
+                    "SELECT document_id, kind, attempts FROM jobs INDEXED BY jobs_queue
+                     WHERE lease_until <= ?1 AND not_before <= ?1 ORDER BY create_time LIMIT 1",
                     params![now],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
@@ -1153,7 +1203,7 @@ mod tests {
             .unwrap()
             .into_inner()
             .unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 6);
+        assert_eq!(schema_version(&conn).unwrap(), 7);
         let kb = find_kb(&conn, "default", "notes").unwrap().unwrap();
         assert!(kb.ready);
         assert_eq!(count_kb(&conn, &kb.id).unwrap(), (1, 0));
@@ -1175,7 +1225,7 @@ mod tests {
         drop(conn);
         let again = SqliteStore::open(&path).unwrap();
         let conn = again.conn.lock().unwrap();
-        assert_eq!(schema_version(&conn).unwrap(), 6);
+        assert_eq!(schema_version(&conn).unwrap(), 7);
     }
 
     #[tokio::test]
@@ -1204,6 +1254,95 @@ mod tests {
         assert_eq!(level(&store), 1);
         assert!(store.list_kbs("t", "", 10).await.unwrap().is_empty());
         assert_eq!(level(&store), 2);
+    }
+
+    /// A job's progress is written on the caller's thread while the connection is free, and on
+    /// the blocking pool when it is busy; either way the log is checkpointed every
+    /// [`CHECKPOINT_EVERY`] writes (SQLite's own checkpoint is off), so it does not grow.
+    #[tokio::test]
+    async fn progress_runs_inline_when_free_and_the_log_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let here = std::thread::current().id();
+        let on = store
+            .call_progress(|_| Ok(std::thread::current().id()))
+            .await
+            .unwrap();
+        assert_eq!(
+            on, here,
+            "a progress write on a free connection left the thread"
+        );
+
+        let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let busy = {
+            let conn = store.conn.clone();
+            std::thread::spawn(move || {
+                let _conn = conn.lock().unwrap();
+                held.0.send(()).unwrap();
+                release.1.recv().unwrap();
+            })
+        };
+        held.1.recv().unwrap();
+        let write = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .call_progress(|_| Ok(std::thread::current().id()))
+                    .await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !write.is_finished(),
+            "the write did not wait for the connection"
+        );
+        release.0.send(()).unwrap();
+        assert_ne!(write.await.unwrap().unwrap(), here);
+        busy.join().unwrap();
+
+        // The log's file keeps the largest size it reached between two checkpoints: after the
+        // first CHECKPOINT_EVERY writes (the first checkpoint is due) it holds them all, and
+        // eight times as many writes must not make it much larger.
+        let write = |i: u32| {
+            let store = store.clone();
+            async move {
+                store
+                    .call_progress(move |c| {
+                        c.exec(
+                            "INSERT INTO source_locks (kb_id, source_id, token, until) VALUES (?1, ?2, 0, 0)",
+                            params![format!("k{i}"), "x".repeat(4096)],
+                        )?;
+                        Ok(())
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        let log = || {
+            std::fs::metadata(dir.path().join("catalog.db-wal"))
+                .unwrap()
+                .len()
+        };
+        let period = CHECKPOINT_EVERY - 2;
+        for i in 0..period {
+            write(i).await;
+        }
+        let one_period = log();
+        let rows = 8 * CHECKPOINT_EVERY;
+        for i in period..rows {
+            write(i).await;
+        }
+        let count: u32 = store
+            .lookup(|c| Ok(c.query_row("SELECT COUNT(*) FROM source_locks", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(count, rows, "a write was lost");
+        assert!(
+            log() < one_period * 2,
+            "the log grew from {one_period} to {} bytes: it is not checkpointed",
+            log()
+        );
     }
 
     /// A lookup runs on the caller's thread only while the connection is free; while another
