@@ -2,8 +2,8 @@
 //! survives a crash of the machine; a job's own progress is only synced with the next synced
 //! write, see `SqliteStore::call_progress`). The connection is synchronous; [`SqliteStore`]
 //! runs each operation on the blocking pool so async callers never stall the runtime, except
-//! lookups of one row while the connection is free (`SqliteStore::lookup`). One job row per
-//! document.
+//! lookups of one row and a job's unsynced progress writes while the connection is free
+//! (`SqliteStore::lookup`, `SqliteStore::call_progress`). One job row per document.
 //!
 //! The schema is versioned (`PRAGMA user_version`) and migrated at open; see [`migrations`].
 
