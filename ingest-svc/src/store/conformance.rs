@@ -291,7 +291,7 @@ async fn jobs_are_claimed_oldest_first_past_leased_and_waiting_ones(open: Open<'
     assert_eq!(third.document_id, docs[2], "a job backing off was claimed");
     assert_eq!(claim(store, LONG).await.unwrap().document_id, docs[3]);
     assert!(claim(store, LONG).await.is_none());
-    // The first job's worker dies: its job is again the oldest runnable one.
+    // The first job is given back (its worker shuts down): it is again the oldest runnable one.
     store
         .release_job(&first, 0, Release::GiveBack { outage: false })
         .await
