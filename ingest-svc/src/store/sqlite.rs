@@ -1178,6 +1178,22 @@ mod tests {
 
     const MAX: u32 = 3;
 
+    /// Holds the store's connection on another thread (once this returns) until the sender is
+    /// used; join the handle after.
+    fn hold_connection(
+        store: &SqliteStore,
+    ) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+        let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let conn = store.conn.clone();
+        let busy = std::thread::spawn(move || {
+            let _conn = conn.lock().unwrap();
+            held.0.send(()).unwrap();
+            release.1.recv().unwrap();
+        });
+        held.1.recv().unwrap();
+        (busy, release.0)
+    }
+
     #[test]
     fn migrations_are_valid_and_a_first_release_catalog_upgrades_in_place() {
         migrations().validate().unwrap();
@@ -1274,16 +1290,7 @@ mod tests {
             "a progress write on a free connection left the thread"
         );
 
-        let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
-        let busy = {
-            let conn = store.conn.clone();
-            std::thread::spawn(move || {
-                let _conn = conn.lock().unwrap();
-                held.0.send(()).unwrap();
-                release.1.recv().unwrap();
-            })
-        };
-        held.1.recv().unwrap();
+        let (busy, release) = hold_connection(&store);
         let write = tokio::spawn({
             let store = store.clone();
             async move {
@@ -1297,7 +1304,7 @@ mod tests {
             !write.is_finished(),
             "the write did not wait for the connection"
         );
-        release.0.send(()).unwrap();
+        release.send(()).unwrap();
         assert_ne!(write.await.unwrap().unwrap(), here);
         busy.join().unwrap();
 
@@ -1365,16 +1372,7 @@ mod tests {
         };
         store.reserve_kb(&kb).await.unwrap();
         assert!(store.activate_kb("k1", "k1").await.unwrap());
-        let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
-        let busy = {
-            let conn = store.conn.clone();
-            std::thread::spawn(move || {
-                let _conn = conn.lock().unwrap();
-                held.0.send(()).unwrap();
-                release.1.recv().unwrap();
-            })
-        };
-        held.1.recv().unwrap();
+        let (busy, release) = hold_connection(&store);
         let lookup = tokio::spawn({
             let store = store.clone();
             async move { store.kb_by_id("k1").await }
@@ -1384,7 +1382,7 @@ mod tests {
             !lookup.is_finished(),
             "the lookup did not wait for the connection"
         );
-        release.0.send(()).unwrap();
+        release.send(()).unwrap();
         let found = lookup.await.unwrap().unwrap().expect("knowledge base");
         assert_eq!((found.id.as_str(), found.name.as_str()), ("k1", "notes"));
         busy.join().unwrap();
