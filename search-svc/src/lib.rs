@@ -30,6 +30,11 @@ pub struct Config {
     /// Directory of the embedded index (default: `<SMARTDB_DATA_DIR>/search`).
     #[arg(long, env = "SMARTDB_SEARCH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// How often, at most, a collection of the embedded index is flushed; in between, writes
+    /// are durable in its commit log, which a restart replays (longer: cheaper writes, longer
+    /// replays after a crash).
+    #[arg(long, env = "SMARTDB_SEARCH_CHECKPOINT_INTERVAL", default_value = "1s", value_parser = smartdb_kit::config::parse_duration)]
+    pub checkpoint_interval: std::time::Duration,
     /// Address of embed-svc: `host:port`, a comma-separated list of replicas, or a DNS name
     /// resolving to all of them (re-resolved every few seconds).
     #[arg(long, env = "SMARTDB_EMBED_ADDR", default_value = "127.0.0.1:50054")]
@@ -90,9 +95,12 @@ pub async fn serve(
     } else {
         let dir = data_dir.clone();
         let analyzer = analyzer.clone();
+        let every = config.checkpoint_interval;
         Arc::new(
-            tokio::task::spawn_blocking(move || index::edge::EdgeIndex::open(&dir, analyzer))
-                .await??,
+            tokio::task::spawn_blocking(move || {
+                index::edge::EdgeIndex::open_with_checkpoints(&dir, analyzer, every)
+            })
+            .await??,
         )
     };
     let redis = match &config.redis_url {

@@ -30,6 +30,14 @@ fn random_below(n: u64) -> u64 {
     (nanos.wrapping_mul(6364136223846793005) >> 33) % n
 }
 
+/// The first words of a text: a query that finds it.
+fn opening_words(text: &str) -> String {
+    text.split_whitespace()
+        .take(12)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 async fn list_all(cluster: &Cluster, kb: &str) -> Vec<pb::Document> {
     common::list_pages(cluster, kb, 200).await.concat()
 }
@@ -37,17 +45,31 @@ async fn list_all(cluster: &Cluster, kb: &str) -> Vec<pb::Document> {
 /// SIGKILLs ingest-svc (as `info` describes it) and waits until `smartdb up` has restarted it
 /// and it serves again.
 async fn kill_ingest(cluster: &Cluster, info: &common::ServiceInfo) {
+    kill_service(cluster, "ingest-svc", info).await
+}
+
+/// SIGKILLs `name` (as `info` describes it) and waits until `smartdb up` has restarted it and
+/// it serves again.
+async fn kill_service(cluster: &Cluster, name: &str, info: &common::ServiceInfo) {
     let pid = info.pid.expect("pid");
     common::signal(pid, libc::SIGKILL);
-    let new_pid = eventually(Duration::from_secs(60), "ingest-svc restarted", || {
-        let info = cluster.service("ingest-svc");
-        async move { info.pid.filter(|p| *p != pid) }
-    })
+    let new_pid = eventually(
+        Duration::from_secs(60),
+        &format!("{name} restarted"),
+        || {
+            let info = cluster.service(name);
+            async move { info.pid.filter(|p| *p != pid) }
+        },
+    )
     .await;
-    eventually(Duration::from_secs(60), "ingest-svc serving again", || {
-        let addr = info.grpc.clone();
-        async move { (health(&addr, "").await == Some(ServingStatus::Serving)).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(60),
+        &format!("{name} serving again"),
+        || {
+            let addr = info.grpc.clone();
+            async move { (health(&addr, "").await == Some(ServingStatus::Serving)).then_some(()) }
+        },
+    )
     .await;
     assert!(common::alive(new_pid));
 }
@@ -174,16 +196,7 @@ async fn documents_survive_ingest_svc_being_killed_at_random_moments() {
     // The index holds exactly their chunks.
     let expected: u64 = docs.iter().map(|d| u64::from(d.chunk_count)).sum();
     assert!(expected >= DOCS as u64);
-    let mut index = pb::index_service_client::IndexServiceClient::new(
-        common::connect(&cluster.service("search-svc").grpc).await,
-    );
-    let stats = index
-        .get_collection_stats(pb::GetCollectionStatsRequest {
-            knowledge_base_id: kb.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = common::collection_stats(&cluster, &kb.id).await.unwrap();
     assert_eq!(
         stats.point_count, expected,
         "points in the index against the chunks of the documents"
@@ -197,11 +210,7 @@ async fn documents_survive_ingest_svc_being_killed_at_random_moments() {
         .collect();
     for i in [0, DOCS / 3, DOCS / 2, DOCS - 1] {
         let (id, text) = &corpus[i];
-        let query: String = text
-            .split_whitespace()
-            .take(12)
-            .collect::<Vec<_>>()
-            .join(" ");
+        let query = opening_words(text);
         let hits = common::search(&cluster, "crash", &query)
             .await
             .unwrap()
@@ -395,12 +404,7 @@ async fn replaces_and_deletes_finish_after_ingest_svc_is_killed_midway() {
     assert_eq!(stats.point_count, expected);
     let old_ids: BTreeSet<&str> = first.iter().map(|d| d.id.as_str()).collect();
     for i in [0, SOURCES / 2, SOURCES - 1] {
-        let query: String = corpus[i]
-            .1
-            .split_whitespace()
-            .take(12)
-            .collect::<Vec<_>>()
-            .join(" ");
+        let query = opening_words(&corpus[i].1);
         let hits = common::search(&cluster, "versions", &query)
             .await
             .unwrap()
@@ -438,6 +442,61 @@ async fn replaces_and_deletes_finish_after_ingest_svc_is_killed_midway() {
             !originals.join(&doc.id).exists(),
             "original of deleted document {} left behind",
             doc.id
+        );
+    }
+}
+
+/// search-svc acknowledges an index write once the collection's commit log holds it, and
+/// flushes the collection itself only now and then (here: not within the test). A SIGKILL right
+/// after documents are indexed must lose none of their chunks: the restart replays the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn indexed_chunks_survive_search_svc_being_killed_before_a_flush() {
+    let cluster =
+        Arc::new(Cluster::start_with_env(&[("SMARTDB_SEARCH_CHECKPOINT_INTERVAL", "1h")]).await);
+    let kb = create_kb(&cluster, "durable").await;
+    let corpus: Vec<(String, String)> = scifact().into_iter().skip(600).take(24).collect();
+    let mut indexing = Vec::new();
+    for (id, text) in corpus.clone() {
+        let cluster = cluster.clone();
+        indexing.push(tokio::spawn(async move {
+            let response = cluster
+                .docs()
+                .await
+                .ingest_text(pb::IngestTextRequest {
+                    knowledge_base: "durable".into(),
+                    title: format!("scifact {id}"),
+                    text,
+                    wait: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|s| panic!("document {id}: {s:?}"))
+                .into_inner();
+            let doc = response.document.unwrap();
+            assert_eq!(doc.status, pb::DocumentStatus::Indexed as i32, "{doc:?}");
+            doc
+        }));
+    }
+    let mut expected = 0u64;
+    for task in indexing {
+        expected += u64::from(task.await.unwrap().chunk_count);
+    }
+    kill_service(&cluster, "search-svc", &cluster.service("search-svc")).await;
+
+    let stats = common::collection_stats(&cluster, &kb.id).await.unwrap();
+    assert_eq!(
+        stats.point_count, expected,
+        "points after the restart against the chunks of the indexed documents"
+    );
+    for (id, text) in [&corpus[0], &corpus[corpus.len() - 1]] {
+        let query = opening_words(text);
+        let hits = common::search(&cluster, "durable", &query)
+            .await
+            .unwrap()
+            .hits;
+        assert!(
+            hits.iter().any(|h| h.title == format!("scifact {id}")),
+            "{query:?} does not find document {id}: {hits:?}"
         );
     }
 }

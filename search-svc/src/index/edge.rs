@@ -9,11 +9,14 @@
 //! blocking pool.
 //!
 //! Durability: qdrant-edge 0.7.1 appends each update to its WAL but never replays the WAL when a
-//! shard is loaded, so an update survives a crash only once its segments are flushed. Every write
-//! is therefore flushed (`EdgeShard::flush`, which fsyncs) before it is acknowledged; writes that
-//! arrive together share one flush (group commit, see `Shard::write`). The engine never
-//! truncates its WAL either, so [`trim_wal`] does, whenever a shard is opened, and a collection
-//! whose WAL outgrew `Tuning::wal_reopen_bytes` is reopened after its next optimization run:
+//! shard is loaded, so an update survives a crash only once its segments are flushed, which
+//! costs far more than the update. So every write is first appended to the collection's own
+//! [`CommitLog`] and synced there before it is acknowledged (writes that arrive together share
+//! one sync: group commit, see `Shard::write`); the shard is flushed (`EdgeShard::flush`, which
+//! fsyncs) at most once a second, after which the log starts over, and a collection's log is
+//! replayed when it is opened. The engine never truncates its WAL either, so [`trim_wal`] does,
+//! whenever a shard is opened, and a collection whose WAL outgrew `Tuning::wal_reopen_bytes` is
+//! reopened after its next optimization run:
 //! without that the WAL kept every write ever made, on disk and in memory (455 MB of search-svc's
 //! 661 MB at 100k chunks).
 //!
@@ -50,6 +53,7 @@ use qdrant_edge::{
 };
 use uuid::Uuid;
 
+use super::commit_log::{CommitLog, Record};
 use super::{
     ChunkPayload, CollectionInfo, IndexPoint, LegQuery, QueryVector, RangeKind, ScoredChunk,
     ScoredId, SearchFilter, SparseVector, VectorIndex, typed_metadata,
@@ -113,6 +117,9 @@ struct Tuning {
     /// Closed WAL bytes above which a collection is reopened to drop them (its searches wait
     /// for the reopen: 0.4-0.5 s at 100k chunks, loading the shard after a restart took that).
     wal_reopen_bytes: u64,
+    /// A collection's shard is flushed (and its commit log emptied) this long after the last
+    /// flush, at its next write.
+    checkpoint_after: Duration,
 }
 
 /// Where a new collection keeps its data. A shard keeps the layout it was created with (qdrant-edge
@@ -139,6 +146,7 @@ impl Default for Tuning {
             optimize_every_points: 1_000,
             layout: Layout::Compact,
             wal_reopen_bytes: 64 << 20,
+            checkpoint_after: Duration::from_secs(1),
         }
     }
 }
@@ -168,13 +176,16 @@ struct Shard {
     /// `None` once the collection is deleted; deletion takes the write lock, so it waits for
     /// in-flight operations.
     engine: RwLock<Option<EdgeShard>>,
-    /// Serializes update+flush and optimization: `EdgeShard::flush` panics instead of waiting
-    /// when another thread holds the shard's WAL or segment lock.
-    writer: Mutex<()>,
-    /// Updates waiting for the writer lock; its next holder applies them all and flushes once.
+    /// Serializes update+commit and optimization (`EdgeShard::flush` panics instead of waiting
+    /// when another thread holds the shard's WAL or segment lock), and holds the commit log.
+    writer: Mutex<CommitLog>,
+    /// Updates waiting for the writer lock; its next holder applies them all and commits once.
     queued: Mutex<Vec<Queued>>,
-    /// Flushes of updates so far (tests read it to see writes grouped).
-    flushes: AtomicUsize,
+    /// Commits (syncs of the commit log, or flushes of the shard) of updates so far (tests
+    /// read it to see writes grouped).
+    commits: AtomicUsize,
+    /// Flushes of the shard after which the commit log started over (checkpoints).
+    checkpoints: AtomicUsize,
     /// Writes in progress.
     writing: AtomicUsize,
     /// When a write last started while another was in progress, in µs after `opened` (0:
@@ -199,6 +210,20 @@ impl EdgeIndex {
     /// An index of an earlier version is migrated first (`analyzer` builds what it lacks).
     pub fn open(dir: &Path, analyzer: Arc<Analyzer>) -> Result<Self> {
         Self::open_tuned(dir, Tuning::default(), analyzer)
+    }
+
+    /// [`EdgeIndex::open`], flushing each collection at most every `checkpoint_after` (its
+    /// commit log keeps writes durable in between).
+    pub fn open_with_checkpoints(
+        dir: &Path,
+        analyzer: Arc<Analyzer>,
+        checkpoint_after: Duration,
+    ) -> Result<Self> {
+        let tuning = Tuning {
+            checkpoint_after,
+            ..Tuning::default()
+        };
+        Self::open_tuned(dir, tuning, analyzer)
     }
 
     fn open_tuned(dir: &Path, tuning: Tuning, analyzer: Arc<Analyzer>) -> Result<Self> {
@@ -430,7 +455,16 @@ impl Inner {
                 return Err(err);
             }
         };
-        // The shard must be complete on disk before the registry points at it.
+        // A log left by a create that crashed went with the directory.
+        let log = match CommitLog::open(&path, self.tuning.checkpoint_after) {
+            Ok((log, _)) => log,
+            Err(err) => {
+                drop(engine);
+                let _ = fs::remove_dir_all(&path);
+                return Err(err);
+            }
+        };
+        // The shard (with its log) must be complete on disk before the registry points at it.
         engine.flush();
         let collections = self.root.join(COLLECTIONS_DIR);
         sync_dir(&collections)?;
@@ -444,7 +478,7 @@ impl Inner {
         let mut shards = lock(&self.shards);
         shards.insert(
             info.id.clone(),
-            Arc::new(Shard::new(info.dimension as usize, engine)),
+            Arc::new(Shard::new(info.dimension as usize, engine, log)),
         );
         *write(&self.registry) = registry;
         tracing::info!(
@@ -495,14 +529,15 @@ impl Inner {
             .cloned()
             .ok_or_else(|| not_found(id))?;
         let dimension = info.dimension as usize;
-        let engine = self.load_shard(id, dimension)?;
-        let shard = Arc::new(Shard::new(dimension, engine));
+        let (engine, log) = self.load_shard(id, dimension)?;
+        let shard = Arc::new(Shard::new(dimension, engine, log));
         shards.insert(id.to_owned(), Arc::clone(&shard));
         Ok(shard)
     }
 
-    /// Opens a collection's shard from disk, after trimming its WAL.
-    fn load_shard(&self, id: &str, dimension: usize) -> Result<EdgeShard> {
+    /// Opens a collection's shard from disk, after trimming its WAL, and brings it up to date
+    /// with its commit log.
+    fn load_shard(&self, id: &str, dimension: usize) -> Result<(EdgeShard, CommitLog)> {
         let path = self.collection_dir(id);
         let trimmed = trim_wal(&path)?;
         if trimmed > 0 {
@@ -517,8 +552,21 @@ impl Inner {
         }
         // A segment created on load (e.g. after optimization) starts without payload indexes.
         create_payload_indexes(&engine, id)?;
+        // A collection written by an earlier release has no log yet: it starts empty.
+        let (mut log, committed) = CommitLog::open(&path, self.tuning.checkpoint_after)?;
+        let replayed = committed.len();
+        for op in committed {
+            engine
+                .update(op)
+                .map_err(|err| engine_error("replay the commit log of", id, err))?;
+        }
         engine.flush();
-        Ok(engine)
+        log.reset()
+            .map_err(|err| Error::Internal(format!("collection {id}: commit log: {err}")))?;
+        if replayed > 0 {
+            tracing::info!(collection = %id, updates = replayed, "replayed the commit log");
+        }
+        Ok((engine, log))
     }
 
     /// Reopens an open collection whose closed WAL segments outgrew `tuning.wal_reopen_bytes`,
@@ -537,8 +585,10 @@ impl Inner {
         // Dropping flushes and releases the WAL's directory lock, which the reload takes.
         drop(old);
         match self.load_shard(id, shard.dimension) {
-            Ok(reopened) => {
+            Ok((reopened, log)) => {
                 *engine = Some(reopened);
+                // No writer holds it: writers hold the engine's read lock first.
+                *lock(&shard.writer) = log;
                 smartdb_kit::memory::release_freed();
                 tracing::info!(
                     collection = %id,
@@ -716,13 +766,14 @@ impl Inner {
 }
 
 impl Shard {
-    fn new(dimension: usize, engine: EdgeShard) -> Self {
+    fn new(dimension: usize, engine: EdgeShard, log: CommitLog) -> Self {
         Self {
             dimension,
             engine: RwLock::new(Some(engine)),
-            writer: Mutex::new(()),
+            writer: Mutex::new(log),
             queued: Mutex::new(Vec::new()),
-            flushes: AtomicUsize::new(0),
+            commits: AtomicUsize::new(0),
+            checkpoints: AtomicUsize::new(0),
             writing: AtomicUsize::new(0),
             overlapped_at: AtomicU64::new(0),
             opened: Instant::now(),
@@ -739,12 +790,12 @@ impl Shard {
 
     /// Applies an update and makes it durable.
     ///
-    /// Group commit: a flush costs far more than an update (about 30 msyncs and 5 fsyncs, some
-    /// 15 ms under strace on a virtual disk), and writes that arrive while one runs would each
-    /// wait for it and then flush again. Instead every write queues its update and takes the
-    /// writer lock; the holder applies everything queued so far and flushes once for all of
-    /// them. A write whose update an earlier holder committed finds its result waiting when it
-    /// gets the lock.
+    /// Group commit: even a sync of the commit log costs more than an update, and writes that
+    /// arrive while one runs would each wait for it and then sync again. Instead every write
+    /// queues its update and takes the writer lock; the holder applies everything queued so far,
+    /// appends it to the log and syncs once for all of them, and flushes the shard if a
+    /// checkpoint is due. A write whose update an earlier holder committed finds its result
+    /// waiting when it gets the lock.
     ///
     /// While writers are concurrent (a write started during another within the last second,
     /// e.g. ingest-svc's workers), the holder first waits [`COMMIT_LINGER`] for more writes to
@@ -760,7 +811,7 @@ impl Shard {
         let (done, result) = mpsc::sync_channel(1);
         self.read(id, |engine| {
             lock(&self.queued).push((op, done));
-            let _writer = lock(&self.writer);
+            let mut log = lock(&self.writer);
             if lock(&self.queued).is_empty() {
                 return Ok(()); // an earlier holder committed this write
             }
@@ -768,19 +819,29 @@ impl Shard {
                 std::thread::sleep(COMMIT_LINGER);
             }
             let batch = std::mem::take(&mut *lock(&self.queued));
+            let mut records = Vec::with_capacity(batch.len());
             let applied: Vec<_> = batch
                 .into_iter()
                 .map(|(op, done)| {
-                    let outcome = engine
-                        .update(op)
-                        .map(|_| ())
-                        .map_err(|err| engine_error("update", id, err));
+                    // Encoded first: applying consumes the update. Only applied ones are logged.
+                    let outcome = Record::encode(&op).and_then(|record| {
+                        engine
+                            .update(op)
+                            .map_err(|err| engine_error("update", id, err))?;
+                        records.push(record);
+                        Ok(())
+                    });
                     (outcome, done)
                 })
                 .collect();
-            // The WAL is not replayed on load, so only flushed segments count.
-            engine.flush();
-            self.flushes.fetch_add(1, Ordering::Relaxed);
+            let logged = log.append(&records);
+            if let Err(err) = &logged {
+                tracing::warn!(collection = %id, error = %err, "commit log failed; flushing the collection instead");
+            }
+            if logged.is_err() || log.checkpoint_due() {
+                self.checkpoint(id, engine, &mut log);
+            }
+            self.commits.fetch_add(1, Ordering::Relaxed);
             for (outcome, done) in applied {
                 // Capacity 1 and one send per channel: never blocks. The writer may be gone
                 // only if its thread panicked.
@@ -796,6 +857,17 @@ impl Shard {
         })
     }
 
+    /// Flushes the shard, then empties its commit log. Called with the writer lock held.
+    fn checkpoint(&self, id: &str, engine: &EdgeShard, log: &mut CommitLog) {
+        // Panics if the disk fails, as every flush of the engine does.
+        engine.flush();
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        if let Err(err) = log.reset() {
+            // Nothing is appended to it until a reset succeeds: writes flush the shard instead.
+            tracing::warn!(collection = %id, error = %err, "cannot empty the commit log");
+        }
+    }
+
     /// Microseconds since the shard was opened, at least 1.
     fn micros(&self) -> u64 {
         (self.opened.elapsed().as_micros() as u64).max(1)
@@ -806,7 +878,7 @@ impl Shard {
     /// Blocks writers to this collection meanwhile (searches go on) and delays its deletion.
     fn optimize(&self, id: &str) -> Result<bool> {
         self.read(id, |engine| {
-            let _writer = lock(&self.writer);
+            let mut log = lock(&self.writer);
             self.writes_since_optimize.store(0, Ordering::Relaxed);
             let optimized = engine
                 .optimize()
@@ -814,7 +886,7 @@ impl Shard {
             if optimized {
                 // The optimizer's fresh appendable segment has no payload indexes.
                 create_payload_indexes(engine, id)?;
-                engine.flush();
+                self.checkpoint(id, engine, &mut log);
                 // The optimizers' temporary buffers are freed by now, but glibc keeps them.
                 smartdb_kit::memory::release_freed();
                 let segments = engine.info().segments_count;
@@ -826,10 +898,32 @@ impl Shard {
 }
 
 /// How long a commit waits for more writes to join it while writers are concurrent, so that
-/// more of them share one flush. ingest-svc's workers write about 30 times a second, and few of
-/// those writes arrived while a flush ran; with the wait, search-svc's CPU per indexed chunk
-/// fell by a third (ingest bench).
+/// more of them share one commit. ingest-svc's workers write about 30 times a second, and few of
+/// those writes arrived while a commit ran; with the wait, search-svc's CPU per indexed chunk
+/// fell by a third (ingest bench, when every commit still flushed the shard).
 const COMMIT_LINGER: Duration = Duration::from_millis(10);
+
+impl Drop for Shard {
+    /// Closing cleanly flushes the shard (as dropping the engine does), after which its commit
+    /// log is not needed: the next open has nothing to replay.
+    fn drop(&mut self) {
+        let engine = self
+            .engine
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(engine) = engine {
+            drop(engine);
+            let log = self
+                .writer
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Err(err) = log.reset() {
+                tracing::warn!(error = %err, "cannot empty a closed collection's commit log; it is replayed on open");
+            }
+        }
+    }
+}
 
 /// Whether a write starting at `now` lingers before committing, given when a write last started
 /// during another (µs on the shard's clock, 0: never).
@@ -1356,13 +1450,14 @@ fn trim_wal(shard_dir: &Path) -> Result<u64> {
 }
 
 /// Makes renames and new entries in `dir` durable.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error("sync", dir))
 }
 
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
+/// Maps an I/O error on `path` to an error that names both.
+pub(super) fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
     let path = path.display().to_string();
     move |err| Error::Internal(format!("cannot {action} {path}: {err}"))
 }
@@ -1518,11 +1613,16 @@ mod tests {
     }
 
     /// A copy of the directory taken right after the writes return is what a restart finds after
-    /// kill -9: the page cache survives the process, memory does not.
+    /// kill -9: the page cache survives the process, memory does not. No checkpoint ran, so the
+    /// writes are only in the commit log, and its replay brings them back.
     #[tokio::test]
     async fn acknowledged_writes_survive_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let index = EdgeIndex::open(dir.path(), analyzer()).unwrap();
+        let tuning = Tuning {
+            checkpoint_after: Duration::from_secs(3600),
+            ..Tuning::default()
+        };
+        let index = EdgeIndex::open_tuned(dir.path(), tuning, analyzer()).unwrap();
         let info = sample_info(8);
         index.create_collection(info.clone()).await.unwrap();
         index
@@ -1538,10 +1638,19 @@ mod tests {
             .await
             .unwrap();
 
+        let shard = index.inner.shard(&info.id).unwrap();
+        assert_eq!(shard.commits.load(Ordering::Relaxed), 3);
+        assert_eq!(shard.checkpoints.load(Ordering::Relaxed), 0);
+        assert!(lock(&shard.writer).pending_bytes() > 0);
+
         let crashed = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), crashed.path());
         let restarted = EdgeIndex::open(crashed.path(), analyzer()).unwrap();
         assert_eq!(restarted.count(&info.id).await.unwrap(), 24);
+        // Replayed, flushed, and the log emptied.
+        let reopened = restarted.inner.shard(&info.id).unwrap();
+        assert_eq!(lock(&reopened.writer).pending_bytes(), 0);
+        drop(reopened);
         let hits = restarted
             .search(&info.id, nearest(&vector(3, 8)))
             .await
@@ -1585,8 +1694,8 @@ mod tests {
                 .is_err()
         );
         let shard = index.inner.shard(&info.id).unwrap();
-        let flushes = shard.flushes.load(Ordering::Relaxed);
-        assert!(flushes < 64, "64 concurrent writes took {flushes} flushes");
+        let commits = shard.commits.load(Ordering::Relaxed);
+        assert!(commits < 64, "64 concurrent writes took {commits} commits");
         assert_ne!(shard.overlapped_at.load(Ordering::Relaxed), 0);
         assert_eq!(shard.writing.load(Ordering::Relaxed), 0);
 
@@ -1623,7 +1732,7 @@ mod tests {
         }
         let shard = index.inner.shard(&info.id).unwrap();
         assert_eq!(shard.overlapped_at.load(Ordering::Relaxed), 0);
-        assert_eq!(shard.flushes.load(Ordering::Relaxed), 5);
+        assert_eq!(shard.commits.load(Ordering::Relaxed), 5);
         // Concurrent writes in the last second make a commit linger; older ones do not.
         assert!(!lingers(5_000_000, 0));
         assert!(lingers(5_000_000, 4_200_000));
@@ -1631,6 +1740,42 @@ mod tests {
         // The index flushes as it closes: before its directory goes.
         drop((shard, index));
         drop(dir);
+    }
+
+    /// Once a checkpoint is due, a write flushes the shard and empties the log; a collection
+    /// whose log is gone (as an earlier release left it) opens as it is.
+    #[tokio::test]
+    async fn a_due_checkpoint_flushes_the_shard_and_empties_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning {
+            checkpoint_after: Duration::ZERO,
+            ..Tuning::default()
+        };
+        let index = EdgeIndex::open_tuned(dir.path(), tuning, analyzer()).unwrap();
+        let info = sample_info(4);
+        index.create_collection(info.clone()).await.unwrap();
+        for i in 0..3 {
+            index
+                .upsert(&info.id, points("doc", i..i + 1, 4))
+                .await
+                .unwrap();
+        }
+        let shard = index.inner.shard(&info.id).unwrap();
+        assert_eq!(shard.commits.load(Ordering::Relaxed), 3);
+        assert_eq!(shard.checkpoints.load(Ordering::Relaxed), 3);
+        assert_eq!(lock(&shard.writer).pending_bytes(), 0);
+        // The flushed shard alone holds every write.
+        let crashed = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), crashed.path());
+        let shard_dir = crashed
+            .path()
+            .join(COLLECTIONS_DIR)
+            .join(&info.id)
+            .join(super::super::commit_log::FILE);
+        fs::remove_file(shard_dir).unwrap();
+        let restarted = EdgeIndex::open(crashed.path(), analyzer()).unwrap();
+        assert_eq!(restarted.count(&info.id).await.unwrap(), 3);
+        drop((shard, index));
     }
 
     #[tokio::test]

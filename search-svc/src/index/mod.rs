@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::Result;
 
+mod commit_log;
 #[cfg(test)]
 #[macro_use]
 pub(crate) mod conformance;

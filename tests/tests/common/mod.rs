@@ -522,6 +522,21 @@ pub fn bearer_header(key: &str) -> [String; 2] {
     ["-H".to_owned(), format!("authorization: Bearer {key}")]
 }
 
+/// search-svc's figures of a knowledge base's collection, straight from its IndexService.
+pub async fn collection_stats(
+    cluster: &Cluster,
+    kb_id: &str,
+) -> Result<pb::GetCollectionStatsResponse, tonic::Status> {
+    pb::index_service_client::IndexServiceClient::new(
+        connect(&cluster.service("search-svc").grpc).await,
+    )
+    .get_collection_stats(pb::GetCollectionStatsRequest {
+        knowledge_base_id: kb_id.to_owned(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
 pub async fn connect(addr: &str) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("address")
