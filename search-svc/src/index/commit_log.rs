@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qdrant_edge::UpdateOperation;
@@ -31,7 +31,7 @@ pub(super) const FILE: &str = "smartdb-commits";
 /// First bytes of the file.
 const MAGIC: &[u8; 16] = b"smartdb commits\n";
 /// Format version this release writes and reads.
-pub(super) const VERSION: u32 = 1;
+const VERSION: u32 = 1;
 const HEADER: u64 = MAGIC.len() as u64 + 4;
 /// A checkpoint is due once the log holds this much (it is replayed when the collection opens).
 const CHECKPOINT_BYTES: u64 = 32 << 20;
@@ -42,7 +42,6 @@ const MAX_RECORD: u32 = 1 << 30;
 /// An open commit log.
 pub(super) struct CommitLog {
     file: File,
-    path: PathBuf,
     /// Length of the valid log (header and whole records).
     len: u64,
     /// When the shard was last flushed and the log emptied.
@@ -91,21 +90,20 @@ impl CommitLog {
         };
         let mut log = Self {
             file,
-            path,
             len,
             checkpointed: Instant::now(),
             checkpoint_after,
-            dirty: len < bytes.len() as u64 || len == 0,
+            dirty: len < bytes.len() as u64,
         };
         if len == 0 {
             // New (or cut short before its header was whole): write the header, and make the
             // file's name durable too.
-            log.reset().map_err(io_error("write", &log.path))?;
+            log.reset().map_err(io_error("write", &path))?;
             sync_dir(dir)?;
         } else {
             log.file
                 .seek(SeekFrom::Start(len))
-                .map_err(io_error("seek", &log.path))?;
+                .map_err(io_error("seek", &path))?;
         }
         Ok((log, ops))
     }
@@ -147,8 +145,13 @@ impl CommitLog {
             || (self.len > HEADER && self.checkpointed.elapsed() >= self.checkpoint_after)
     }
 
-    /// Empties the log; only once the shard holding its updates is flushed.
+    /// Empties the log; only once the shard holding its updates is flushed. An empty log is
+    /// left as it is (no write, no sync).
     pub(super) fn reset(&mut self) -> io::Result<()> {
+        self.checkpointed = Instant::now();
+        if !self.dirty && self.len == HEADER {
+            return Ok(());
+        }
         self.dirty = true;
         self.file.set_len(0)?;
         self.file.seek(SeekFrom::Start(0))?;
@@ -156,7 +159,6 @@ impl CommitLog {
         self.file.write_all(&VERSION.to_le_bytes())?;
         self.file.sync_data()?;
         self.len = HEADER;
-        self.checkpointed = Instant::now();
         self.dirty = false;
         Ok(())
     }
