@@ -185,6 +185,150 @@ fn print_mapped_files(pid: u32, under: &std::path::Path) {
     }
 }
 
+/// A memory cgroup beside this process's own with a hard limit, to run a service as a
+/// container's memory limit would (cgroup v1 `memory` or v2 `memory.max`).
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    /// Where processes go back to on `leave`.
+    parent: std::path::PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    /// Makes the cgroup with `limit` bytes, or says why it cannot (no writable controller).
+    fn create(limit: u64) -> Result<Self, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let v1 = own.lines().find_map(|l| {
+            let (_, rest) = l.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then(|| path.to_owned())
+        });
+        let (parent, v2) = match v1 {
+            Some(path) => (format!("/sys/fs/cgroup/memory{path}"), false),
+            None => {
+                let path = own
+                    .lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .ok_or("no memory cgroup controller on this machine")?;
+                (format!("/sys/fs/cgroup{path}"), true)
+            }
+        };
+        let parent = std::path::PathBuf::from(parent);
+        let dir = parent.join(format!("smartdb-bench-{}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let file = if v2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        let cgroup = Self { dir, parent, v2 };
+        std::fs::write(cgroup.dir.join(file), limit.to_string())
+            .map_err(|e| format!("cannot set {file}: {e}"))?;
+        Ok(cgroup)
+    }
+
+    fn move_to(dir: &std::path::Path, pid: u32) {
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} to {}: {e}", dir.display()));
+    }
+
+    /// Moves `pid` (not its children so far) into the cgroup; its new children start in it.
+    fn enter(&self, pid: u32) {
+        Self::move_to(&self.dir, pid);
+    }
+
+    /// Moves `pid` back where this process is.
+    fn leave(&self, pid: u32) {
+        Self::move_to(&self.parent, pid);
+    }
+
+    fn holds(&self, pid: u32) -> bool {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|l| l.trim() == pid.to_string()))
+    }
+
+    fn read(&self, file: &str) -> Option<u64> {
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    fn describe(&self) -> &'static str {
+        if self.v2 {
+            "cgroup v2 memory.max"
+        } else {
+            "cgroup v1 memory.limit_in_bytes"
+        }
+    }
+
+    /// Usage, peak and how often the limit was hit, against the dense bytes.
+    fn report(&self, dense: u64) -> String {
+        let (usage, peak, hits) = if self.v2 {
+            let events =
+                std::fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default();
+            let max = events
+                .lines()
+                .find_map(|l| l.strip_prefix("max "))
+                .and_then(|v| v.trim().parse().ok());
+            (self.read("memory.current"), self.read("memory.peak"), max)
+        } else {
+            (
+                self.read("memory.usage_in_bytes"),
+                self.read("memory.max_usage_in_bytes"),
+                self.read("memory.failcnt"),
+            )
+        };
+        let mb = |v: Option<u64>| {
+            v.map_or("?".to_owned(), |v| {
+                format!(
+                    "{:.1} MB ({:.2}x dense)",
+                    v as f64 / 1e6,
+                    v as f64 / dense as f64
+                )
+            })
+        };
+        format!(
+            "usage {} (page cache included), peak {}, limit reached {} times (the kernel reclaimed page cache each time; no OOM kill)",
+            mb(usage),
+            mb(peak),
+            hits.map_or("?".to_owned(), |h| h.to_string())
+        )
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Empty only once the cluster has stopped; a leftover directory is harmless.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Drops every file under `dir` from the page cache (files nobody maps); returns their bytes.
+fn evict_from_page_cache(dir: &std::path::Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut bytes = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            bytes += evict_from_page_cache(&path);
+        } else if let Ok(file) = std::fs::File::open(&path) {
+            // SAFETY: advice on an open descriptor; it changes no data.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            bytes += file.metadata().map_or(0, |m| m.len());
+        }
+    }
+    bytes
+}
+
 /// Waits until search-svc's background work (segment merging, HNSW builds) is done: its CPU
 /// time stops growing for a few seconds.
 async fn wait_idle(pid: u32) {
@@ -485,6 +629,8 @@ async fn main() {
 
     // Authentication stays on; the admin key's rate limit (1,000 searches/s) would cap the
     // cached throughput this measures, so it is raised.
+    // Declared before the cluster so that they are removed after it stops.
+    let mut cgroups: Vec<MemoryCgroup> = Vec::new();
     let cluster = Cluster::start_with_env(&[(
         "SMARTDB_GATEWAY_RATES",
         "admin.search=1000000,address=1000000",
@@ -554,6 +700,14 @@ async fn main() {
                 .into_inner()
                 .point_count;
         println!("  {count} points in the collection");
+        let (rss, anon, file) = memory(search_pid);
+        println!(
+            "  search-svc memory right after loading, before any search: RSS {:.1} MB (anonymous {:.1}, file-backed {:.1}) -> {:.2}x dense",
+            rss as f64 / 1e6,
+            anon as f64 / 1e6,
+            file as f64 / 1e6,
+            rss as f64 / (count * dimension as u64 * 4) as f64,
+        );
 
         let embed_p50 = embedding_p50(&embed.grpc, &kb.embedding_model, &queries, 100).await;
         println!(
@@ -627,8 +781,23 @@ async fn main() {
         );
         print_mapped_files(search_pid, cluster.data_dir.path());
 
-        // Steady state: a restarted search-svc holds only what it loads and what searches touch
-        // (memory-mapped vectors read while building the index stay counted until then).
+        // Steady state under a hard memory limit of 1.5x the dense vectors, as a container's
+        // would be: the memory-mapped vector and payload pages that searches read are page
+        // cache, which the kernel reclaims to stay inside the limit (and counts in it). The
+        // restarted search-svc is born inside the limit (`smartdb up` is moved into it for the
+        // restart), and the collection's files leave the page cache before it loads them, so
+        // everything it reads is charged to it.
+        let limit = dense * 3 / 2;
+        let limited = match MemoryCgroup::create(limit) {
+            Ok(cgroup) => Some(cgroup),
+            Err(why) => {
+                println!("  NOT UNDER A MEMORY LIMIT: {why}; restarting search-svc without one");
+                None
+            }
+        };
+        if let Some(cgroup) = &limited {
+            cgroup.enter(cluster.pid());
+        }
         common::signal(search_pid, libc::SIGTERM);
         let old_pid = search_pid;
         search_pid = common::eventually(Duration::from_secs(300), "search-svc restarted", || {
@@ -640,6 +809,20 @@ async fn main() {
             }
         })
         .await;
+        if let Some(cgroup) = &limited {
+            cgroup.leave(cluster.pid());
+            assert!(
+                cgroup.holds(search_pid),
+                "search-svc restarted outside the limit"
+            );
+            let evicted = evict_from_page_cache(&cluster.data_dir.path().join("search"));
+            println!(
+                "  search-svc restarted under a memory limit of {:.1} MB (1.5x dense, {}); {:.1} MB of its files evicted from the page cache first",
+                limit as f64 / 1e6,
+                cgroup.describe(),
+                evicted as f64 / 1e6
+            );
+        }
         // Both clients reconnect; the first call on a dropped connection may fail. The first
         // search loads the collection, as a reopen that trims its WAL does.
         for (first, client) in [(true, &mut direct), (false, &mut gateway)] {
@@ -664,24 +847,34 @@ async fn main() {
                 }
             }
         }
-        let (g, _) = uncached(
+        // As many searches as the measurements above made before their memory reading, so
+        // that they read as much of the vectors and payloads.
+        let after = env_or("SMARTDB_BENCH_LIMITED_QUERIES", 2000);
+        let (g, d) = uncached(
             &mut gateway,
             &mut direct,
             &kb.name,
             pb::SearchMode::Hybrid,
             &queries,
-            2 * n,
+            after,
         )
         .await;
         let (rss, anon, file) = memory(search_pid);
         println!(
-            "  after a restart and {n} hybrid searches (gateway p50 {:.2} ms): RSS {:.1} MB (anonymous {:.1}, file-backed {:.1}) -> {:.2}x dense",
+            "  after a restart and {after} hybrid searches (gateway p50/p99 {:.2} / {:.2} ms, direct {:.2} / {:.2} ms): RSS {:.1} MB (anonymous {:.1}, file-backed {:.1}) -> {:.2}x dense",
             ms(g.p50),
+            ms(g.p99),
+            ms(d.p50),
+            ms(d.p99),
             rss as f64 / 1e6,
             anon as f64 / 1e6,
             file as f64 / 1e6,
             rss as f64 / dense as f64,
         );
+        if let Some(cgroup) = &limited {
+            println!("  memory limit: {}", cgroup.report(dense));
+        }
         print_mapped_files(search_pid, cluster.data_dir.path());
+        cgroups.extend(limited);
     }
 }

@@ -303,10 +303,12 @@ impl EdgeIndex {
                 }
             }
             let _done = Done(&shard.optimizing);
-            if let Err(err) = shard.optimize(&collection_id) {
-                tracing::warn!(
+            match shard.optimize(&collection_id) {
+                Ok(true) => inner.release_file_pages(&collection_id, &shard),
+                Ok(false) => {}
+                Err(err) => tracing::warn!(
                     collection = %collection_id, error = %err, "optimizing collection failed"
-                );
+                ),
             }
             if let Err(err) = inner.trim_wal_if_large(&collection_id, &shard) {
                 tracing::warn!(
@@ -567,6 +569,29 @@ impl Inner {
             tracing::info!(collection = %id, updates = replayed, "replayed the commit log");
         }
         Ok((engine, log))
+    }
+
+    /// Takes the pages of the collection's memory-mapped files out of search-svc's resident
+    /// memory after an optimization wrote them (see
+    /// [`smartdb_kit::memory::release_file_pages`]); searches map back what they read. Searches
+    /// and writes of the collection wait meanwhile, a few milliseconds.
+    fn release_file_pages(&self, id: &str, shard: &Shard) {
+        // The exclusive lock keeps the engine from mapping or unmapping its segments' files
+        // meanwhile: only code holding the engine lock does (qdrant-edge flushes segments on
+        // the calling thread), and its optimizers have finished. The WAL is left out: its
+        // flushes run on threads of their own, which may hold a mapping.
+        let engine = write(&shard.engine);
+        if engine.is_none() {
+            return; // deleted meanwhile
+        }
+        let segments = self.collection_dir(id).join("segments");
+        // SAFETY: see above; the segments' files are mapped only by this engine.
+        match unsafe { smartdb_kit::memory::release_file_pages(&segments) } {
+            Ok(bytes) => tracing::debug!(collection = %id, bytes, "released mapped file pages"),
+            Err(err) => tracing::warn!(
+                collection = %id, error = %err, "cannot release the collection's mapped file pages"
+            ),
+        }
     }
 
     /// Reopens an open collection whose closed WAL segments outgrew `tuning.wal_reopen_bytes`,
@@ -1560,6 +1585,29 @@ mod tests {
         }
     }
 
+    /// Resident bytes of this process's mappings of files under `dir` (`/proc/self/smaps`).
+    fn resident_under(dir: &Path) -> u64 {
+        let dir = dir.canonicalize().unwrap();
+        let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        let mut bytes = 0;
+        for line in smaps.lines() {
+            if let Some(kb) = line.strip_prefix("Rss:") {
+                if inside {
+                    let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().unwrap();
+                    bytes += kb * 1024;
+                }
+            } else if line.split_ascii_whitespace().next().is_some_and(|range| {
+                range.contains('-') && range.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+            }) {
+                inside = line
+                    .find('/')
+                    .is_some_and(|at| Path::new(&line[at..]).starts_with(&dir));
+            }
+        }
+        bytes
+    }
+
     fn nearest(index_vector: &[f32]) -> LegQuery {
         LegQuery {
             vector: QueryVector::Dense(index_vector.to_vec()),
@@ -1864,6 +1912,64 @@ mod tests {
             index.delete_collection(id).await.unwrap();
         }
         assert!(dir.path().join(COLLECTIONS_DIR).is_dir());
+    }
+
+    #[tokio::test]
+    async fn mapped_pages_leave_the_rss_after_optimizing_and_every_point_stays() {
+        const DIM: usize = 64;
+        let dir = tempfile::tempdir().unwrap();
+        // No background optimization: this test runs the one it measures.
+        let tuning = Tuning {
+            indexing_threshold_kb: Some(8),
+            optimize_every_points: usize::MAX,
+            ..Tuning::default()
+        };
+        let info = sample_info(DIM as u32);
+        {
+            let index = EdgeIndex::open_tuned(dir.path(), tuning.clone(), analyzer()).unwrap();
+            index.create_collection(info.clone()).await.unwrap();
+            for start in (0..2000).step_by(500) {
+                index
+                    .upsert(&info.id, points("doc", start..start + 500, DIM))
+                    .await
+                    .unwrap();
+            }
+            let shard = index.inner.shard(&info.id).unwrap();
+            assert!(shard.optimize(&info.id).unwrap(), "nothing was optimized");
+            let segments = index.inner.collection_dir(&info.id).join("segments");
+            let written = resident_under(&segments);
+            assert!(
+                written > 0,
+                "the optimization left no mapped pages resident"
+            );
+            index.inner.release_file_pages(&info.id, &shard);
+            let left = resident_under(&segments);
+            assert!(
+                left < written / 4,
+                "{left} of {written} bytes still resident"
+            );
+            // Nothing was lost: every point is found with its payload, before and after a
+            // reopen from disk.
+            assert_eq!(index.count(&info.id).await.unwrap(), 2000);
+            for n in [0u32, 499, 1234, 1999] {
+                let hits = index
+                    .search(&info.id, nearest(&vector(u64::from(n), DIM)))
+                    .await
+                    .unwrap();
+                assert_eq!(hits[0].id, point_id("doc", n));
+                assert_eq!(hits[0].payload.chunk_index, n);
+            }
+        }
+        let index = EdgeIndex::open_tuned(dir.path(), tuning, analyzer()).unwrap();
+        assert_eq!(index.count(&info.id).await.unwrap(), 2000);
+        for n in [1u32, 777, 1500] {
+            let hits = index
+                .search(&info.id, nearest(&vector(u64::from(n), DIM)))
+                .await
+                .unwrap();
+            assert_eq!(hits[0].id, point_id("doc", n));
+            assert!((hits[0].score - 1.0).abs() < 1e-4);
+        }
     }
 
     #[tokio::test]
