@@ -18,9 +18,8 @@ pub fn release_freed() {
 /// `dir`, and returns the bytes of the mappings it advised.
 ///
 /// Writing a large index through memory-mapped files leaves every page it wrote counted in the
-/// process's RSS until the file is unmapped, hundreds of MB after loading 100k chunks, although
-/// searches then touch only a small part of them (a restart shows the difference: the same
-/// index then costs a third of the memory). `MADV_DONTNEED` on a shared file mapping only
+/// process's RSS until the file is unmapped (a restart would drop them), although searches may
+/// then read only part of them. `MADV_DONTNEED` on a shared file mapping only
 /// unmaps the pages: their contents, written or not, stay in the page cache and reach the file
 /// as always, and the next access maps them again. Private and anonymous mappings are never
 /// touched, since there it would discard data.

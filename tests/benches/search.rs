@@ -267,21 +267,27 @@ impl MemoryCgroup {
         }
     }
 
-    /// Usage, peak and how often the limit was hit, against the dense bytes.
+    /// Usage, peak, how often the limit was hit and how many OOM kills it caused.
     fn report(&self, dense: u64) -> String {
-        let (usage, peak, hits) = if self.v2 {
-            let events =
-                std::fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default();
-            let max = events
+        let counter = |file: &str, name: &str| -> Option<u64> {
+            std::fs::read_to_string(self.dir.join(file))
+                .ok()?
                 .lines()
-                .find_map(|l| l.strip_prefix("max "))
-                .and_then(|v| v.trim().parse().ok());
-            (self.read("memory.current"), self.read("memory.peak"), max)
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        };
+        let (usage, peak, hits, kills) = if self.v2 {
+            (
+                self.read("memory.current"),
+                self.read("memory.peak"),
+                counter("memory.events", "max "),
+                counter("memory.events", "oom_kill "),
+            )
         } else {
             (
                 self.read("memory.usage_in_bytes"),
                 self.read("memory.max_usage_in_bytes"),
                 self.read("memory.failcnt"),
+                counter("memory.oom_control", "oom_kill "),
             )
         };
         let mb = |v: Option<u64>| {
@@ -293,11 +299,13 @@ impl MemoryCgroup {
                 )
             })
         };
+        let count = |v: Option<u64>| v.map_or("?".to_owned(), |v| v.to_string());
         format!(
-            "usage {} (page cache included), peak {}, limit reached {} times (the kernel reclaimed page cache each time; no OOM kill)",
+            "usage {} (page cache included), peak {}, limit reached {} times (reclaim), OOM kills {}",
             mb(usage),
             mb(peak),
-            hits.map_or("?".to_owned(), |h| h.to_string())
+            count(hits),
+            count(kills)
         )
     }
 }
