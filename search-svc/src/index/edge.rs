@@ -1585,6 +1585,27 @@ mod tests {
         }
     }
 
+    /// An index in `dir` with the collection `info`, holding `total` points of document "doc"
+    /// upserted `batch` at a time.
+    async fn filled_index(
+        dir: &Path,
+        tuning: &Tuning,
+        info: &CollectionInfo,
+        total: u32,
+        batch: u32,
+    ) -> EdgeIndex {
+        let dimension = info.dimension as usize;
+        let index = EdgeIndex::open_tuned(dir, tuning.clone(), analyzer()).unwrap();
+        index.create_collection(info.clone()).await.unwrap();
+        for start in (0..total).step_by(batch as usize) {
+            index
+                .upsert(&info.id, points("doc", start..start + batch, dimension))
+                .await
+                .unwrap();
+        }
+        index
+    }
+
     /// Resident bytes of this process's mappings of files under `dir` (`/proc/self/smaps`).
     fn resident_under(dir: &Path) -> u64 {
         let dir = dir.canonicalize().unwrap();
@@ -1926,14 +1947,7 @@ mod tests {
         };
         let info = sample_info(DIM as u32);
         {
-            let index = EdgeIndex::open_tuned(dir.path(), tuning.clone(), analyzer()).unwrap();
-            index.create_collection(info.clone()).await.unwrap();
-            for start in (0..2000).step_by(500) {
-                index
-                    .upsert(&info.id, points("doc", start..start + 500, DIM))
-                    .await
-                    .unwrap();
-            }
+            let index = filled_index(dir.path(), &tuning, &info, 2000, 500).await;
             let shard = index.inner.shard(&info.id).unwrap();
             assert!(shard.optimize(&info.id).unwrap(), "nothing was optimized");
             let segments = index.inner.collection_dir(&info.id).join("segments");
@@ -1983,14 +1997,7 @@ mod tests {
         };
         let info = sample_info(DIM as u32);
         {
-            let index = EdgeIndex::open_tuned(dir.path(), tuning.clone(), analyzer()).unwrap();
-            index.create_collection(info.clone()).await.unwrap();
-            for start in (0..1000).step_by(250) {
-                index
-                    .upsert(&info.id, points("doc", start..start + 250, DIM))
-                    .await
-                    .unwrap();
-            }
+            let index = filled_index(dir.path(), &tuning, &info, 1000, 250).await;
             let shard = index.inner.shard(&info.id).unwrap();
             wait_for_optimization(&shard).await;
             // Finish whatever the background run left over, deterministically.
