@@ -271,7 +271,10 @@ async fn main() {
         common::cpu_features(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let cluster = Cluster::start().await;
+    // Authentication stays on; the admin key's rate limit (500 ingest calls/s) would cap the
+    // uploads on a fast machine, so it is raised.
+    let cluster =
+        Cluster::start_with_env(&[("SMARTDB_GATEWAY_RATES", "admin.ingest=1000000")]).await;
     let embed_addr = cluster.service("embed-svc").grpc;
     let mut embed =
         pb::embed_service_client::EmbedServiceClient::new(common::connect(&embed_addr).await)

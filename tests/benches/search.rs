@@ -635,13 +635,13 @@ async fn main() {
     vocabulary.truncate(2_000_000);
     let analyzer = smartdb_search::lexical::Analyzer::new(Default::default()).expect("analyzer");
 
-    // Authentication stays on; the admin key's rate limit (1,000 searches/s) would cap the
-    // cached throughput this measures, so it is raised.
+    // Authentication stays on; the admin key's rate limits (1,000 searches/s, 500 ingest
+    // calls/s) would cap the cached throughput this measures and the loading, so they are raised.
     // Declared before the cluster so that they are removed after it stops.
     let mut cgroups: Vec<MemoryCgroup> = Vec::new();
     let cluster = Cluster::start_with_env(&[(
         "SMARTDB_GATEWAY_RATES",
-        "admin.search=1000000,address=1000000",
+        "admin.search=1000000,admin.ingest=1000000,address=1000000",
     )])
     .await;
     let search = cluster.service("search-svc");
