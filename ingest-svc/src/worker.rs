@@ -302,6 +302,7 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
         .chunker(&ctx, &kb.embedding_model)
         .await?;
     let (limits, crash_marker) = (catalog.limits().clone(), catalog.jobs.crash_marker.clone());
+    let fault_injection = crash_marker.is_some();
     let (job_span, doc_id) = (tracing::Span::current(), doc.id.clone());
     let parse_and_chunk = move || -> Result<Vec<Chunk>> {
         let _job = job_span.enter();
@@ -311,6 +312,11 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
             && extracted.text.contains(marker.as_str())
         {
             tracing::error!(document = %doc_id, "fault injection: this document crashes its worker");
+            // The call that queued this document (an upload, a RetryDocument) answers within
+            // microseconds; without the pause the abort can race it and the caller gets
+            // UNAVAILABLE for a call that succeeded. This runs on the blocking pool (below), so
+            // the pause holds no async worker.
+            std::thread::sleep(std::time::Duration::from_millis(300));
             std::process::abort();
         }
         Ok(stage("chunk").in_scope(|| {
@@ -321,7 +327,8 @@ async fn run_index(catalog: &Catalog, job: &Job) -> Result<()> {
     // handing it to the blocking pool and back (two thread wake-ups, which were a large part of
     // ingest-svc's CPU per document). Anything larger, and every PDF or DOCX, goes to the pool.
     let inline = doc.size_bytes <= INLINE_PARSE_BYTES
-        && matches!(content_type, ContentType::Plain | ContentType::Markdown);
+        && matches!(content_type, ContentType::Plain | ContentType::Markdown)
+        && !fault_injection;
     let chunks = if inline {
         // A panic must fail this job, as it would on the pool, not take the worker with it.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse_and_chunk))

@@ -7,6 +7,7 @@ pub mod bearer;
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod cork;
 pub mod ids;
 pub mod limits;
 pub mod listeners;

@@ -315,7 +315,10 @@ impl ServiceServer {
             None => Box::pin(router.serve_with_incoming_shutdown(
                 // Server::tcp_nodelay only applies to sockets tonic binds itself; without it on
                 // our own listener, Nagle + delayed ACK add ~40 ms to every small response.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                tokio_stream::StreamExt::map(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    |accepted| accepted.map(crate::cork::Corked::new),
+                ),
                 on_stop,
             )),
         };

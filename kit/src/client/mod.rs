@@ -307,7 +307,8 @@ fn endpoint(
             .tls_config(tls.clone().domain_name(name))
             .map_err(|e| anyhow::anyhow!("TLS to {downstream}: {e}"))?;
     }
-    let channel: Channel = endpoint.connect_lazy();
+    let channel: Channel =
+        endpoint.connect_with_connector_lazy(crate::cork::Connector::new(settings.connect_timeout));
     let breaker = Breaker::new(
         &settings.breaker,
         BreakerNames {
@@ -436,7 +437,7 @@ pub fn channel(addr: &str, options: &ChannelOptions) -> anyhow::Result<Channel> 
             .tls_config(tls.clone().domain_name(host))
             .map_err(|e| anyhow::anyhow!("TLS to {addr}: {e}"))?;
     }
-    Ok(endpoint.connect_lazy())
+    Ok(endpoint.connect_with_connector_lazy(crate::cork::Connector::new(options.connect_timeout)))
 }
 
 /// Awaits a call to another service, giving up with DEADLINE_EXCEEDED once `timeout` passes
