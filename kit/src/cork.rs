@@ -73,11 +73,6 @@ impl<T> Corked<T> {
             yielding: None,
         }
     }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncWrite + Unpin> Corked<T> {
